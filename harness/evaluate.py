@@ -1,0 +1,129 @@
+"""Evaluate a fused result on a suite's tasks and conditions; produce result rows."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from harness.api import Ensemble
+from harness.families import Family
+from harness.tensors import StateDict
+
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    task: str
+    task_split: str          # 'seen' or 'unseen' (every task is 'seen' when all experts are fused)
+    condition: str           # 'clean' or a corruption name
+    severity: int | None
+    metric: str
+    value: float             # in percent for accuracy-like metrics
+    n: int
+    ci_low: float | None
+    ci_high: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Predictor:
+    """A fused model ready to predict: one module, or several whose logits combine."""
+    members: list[nn.Module]
+    weights: list[float] | None = None
+    reduce: str = "mean"
+
+    def num_parameters(self) -> int:
+        seen, total = set(), 0
+        for m in self.members:
+            for p in m.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+
+def as_predictor(fused, family: Family) -> Predictor:
+    if isinstance(fused, Ensemble):
+        members = [m if isinstance(m, nn.Module) else family.build(m) for m in fused.members]
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        weights = list(fused.weights) if fused.weights is not None else None
+        if weights is not None and len(weights) != len(members):
+            raise ValueError(f"ensemble has {len(members)} members but {len(weights)} weights")
+        return Predictor([m.eval() for m in members], weights, fused.reduce)
+    if isinstance(fused, nn.Module):
+        return Predictor([fused.eval()])
+    if isinstance(fused, dict):
+        check_state(fused)
+        return Predictor([family.build(fused)])
+    raise TypeError(f"a method must return a state dict, an nn.Module or an Ensemble, not {type(fused).__name__}")
+
+
+def check_state(state: StateDict) -> None:
+    for k, v in state.items():
+        if not isinstance(v, Tensor):
+            raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f"fused weights contain NaN or inf in '{k}'")
+
+
+@torch.no_grad()
+def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, batch_size: int) -> Tensor:
+    outs = []
+    for start in range(0, len(inputs), batch_size):
+        x = inputs[start:start + batch_size]
+        member_logits = torch.stack([family.logits(m, task, x).float() for m in predictor.members])
+        if predictor.reduce == "max":
+            logits = member_logits.max(dim=0).values
+        elif predictor.weights is not None:
+            w = torch.tensor(predictor.weights, device=member_logits.device).view(-1, 1, 1)
+            logits = (w * member_logits).sum(0)
+        else:
+            logits = member_logits.mean(0)
+        outs.append(logits.cpu())
+    return torch.cat(outs)
+
+
+def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean, over test examples."""
+    n = len(per_example)
+    if n < 2:
+        v = float(per_example.mean()) if n else float("nan")
+        return v, v
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (samples, n), generator=g)
+    means = per_example.double()[idx].mean(dim=1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
+               condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> ResultRow:
+    inputs, targets = family.eval_data(task, split, None if condition == "clean" else condition, severity)
+    outputs = predict(predictor, family, task, inputs, batch_size)
+    per_example = family.score(task, outputs, targets)
+    metric = family.suite.task(task).metric
+    lo, hi = bootstrap_ci(per_example)
+    return ResultRow(task=task, task_split=task_split, condition=condition, severity=severity, metric=metric,
+                     value=100 * float(per_example.mean()), n=len(per_example), ci_low=100 * lo, ci_high=100 * hi)
+
+
+def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",
+             corruptions: Sequence = (), batch_size: int = 256) -> list[ResultRow]:
+    """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects."""
+    rows = []
+    tasks = list(tasks)
+    for task, task_split in tasks:
+        rows.append(score_task(predictor, family, task, split=split, task_split=task_split, batch_size=batch_size))
+    for c in corruptions:
+        for task, task_split in tasks:
+            if c.tasks is None or task in c.tasks:
+                rows.append(score_task(predictor, family, task, split=split, task_split=task_split,
+                                       condition=c.name, severity=c.severity, batch_size=batch_size))
+    return rows

@@ -1,0 +1,45 @@
+"""Model-family adapters: how to load, rebuild, run and score one kind of model.
+
+A family turns a suite's references into state dicts and runnable modules, gives the
+fixed task heads, preprocessed (and cached) evaluation tensors, and per-example scores.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from harness.errors import FbhError
+from harness.spec import SuiteSpec
+from harness.tensors import StateDict
+
+FAMILIES = {
+    "clip_vision": "harness.families.clip_vision:ClipVisionFamily",
+}
+
+
+class Family(Protocol):
+    suite: SuiteSpec
+
+    def base_state(self) -> StateDict: ...
+    def expert_state(self, task: str) -> StateDict: ...
+    def load_state(self, ref: str, field: str) -> StateDict: ...
+    def build(self, state: StateDict) -> nn.Module: ...
+    def logits(self, model: nn.Module, task: str, inputs: Tensor) -> Tensor: ...
+    def eval_data(self, task: str, split: str, corruption: str | None = None,
+                  severity: int | None = None) -> tuple[Tensor, Tensor]: ...
+    def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor: ...
+
+
+def load_family(suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device) -> Family:
+    target = FAMILIES.get(suite.family.kind)
+    if target is None:
+        raise FbhError(f"unknown model family '{suite.family.kind}'", file=str(suite_file), field="family.kind",
+                       fix=f"use one of: {', '.join(sorted(FAMILIES))}")
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(suite=suite, suite_file=suite_file, zoo_dir=zoo_dir, device=device)

@@ -1,0 +1,167 @@
+"""CLIP vision encoders with fixed per-task classification heads.
+
+This is FusionBench's image-classification setting: only the vision tower is fused;
+each task's head is fixed (zero-shot text embeddings for real CLIP, class prototypes
+from the pre-trained features for the embedded tiny-vision zoo), and
+logits = logit_scale * normalize(projection(pooled)) @ head.T.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from harness.corruptions import corrupt
+from harness.errors import FbhError, SuiteUnavailable
+from harness.paths import cache_dir
+from harness.sources import Resolver
+from harness.spec import SuiteSpec
+from harness.tensors import StateDict
+
+
+class ClipVisionFamily:
+    def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
+        self.suite = suite
+        self.suite_file = suite_file
+        self.resolve = Resolver(suite_file, zoo_dir)
+        self.device = device
+        self._template: nn.Module | None = None
+        self._heads: dict[str, Tensor] | None = None
+        self._projection: Tensor | None = None
+        self._scale = 100.0
+        self._processor = None
+
+    # -- models ------------------------------------------------------------------
+    def _from_pretrained(self, ref: str, field: str) -> nn.Module:
+        from transformers import CLIPVisionModel
+        fam = self.suite.family
+        resolved = self.resolve(ref, field)
+        try:
+            model = CLIPVisionModel.from_pretrained(
+                resolved, revision=fam.revision, use_safetensors=None if fam.allow_pickle else True,
+                trust_remote_code=fam.trust_remote_code)
+        except OSError as exc:
+            raise SuiteUnavailable(f"cannot load model '{ref}': {str(exc).splitlines()[0]}",
+                                   file=str(self.suite_file), field=field,
+                                   fix="build it (zoo), download it to the HF cache, or point to a local copy") from None
+        return model.eval()
+
+    def template(self) -> nn.Module:
+        if self._template is None:
+            self._template = self._from_pretrained(self.suite.family.base, "family.base")
+        return self._template
+
+    def load_state(self, ref: str, field: str) -> StateDict:
+        return {k: v.detach() for k, v in self._from_pretrained(ref, field).state_dict().items()}
+
+    def base_state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+
+    def expert_state(self, task: str) -> StateDict:
+        return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")
+
+    def build(self, state: StateDict) -> nn.Module:
+        model = copy.deepcopy(self.template())
+        model.load_state_dict(state, strict=True)
+        return model.to(self.device).eval()
+
+    # -- heads -------------------------------------------------------------------
+    def _load_heads(self) -> None:
+        ref = self.suite.family.heads
+        if ref is None:
+            raise FbhError("clip_vision needs fixed task heads", file=str(self.suite_file), field="family.heads",
+                           fix="point family.heads to a safetensors file of one [classes, dim] tensor per task")
+        path = self.resolve(ref, "family.heads")
+        if not Path(path).is_file():
+            raise SuiteUnavailable(f"heads file '{ref}' not found", file=str(self.suite_file), field="family.heads",
+                                   fix="build the zoo or compute the zero-shot heads first")
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        self._scale = float(meta.get("logit_scale", 100.0))
+        self._projection = tensors.pop("visual_projection", None)
+        missing = [t for t in self.suite.task_names if t not in tensors]
+        if missing:
+            raise FbhError(f"heads file has no head for tasks {missing}", file=str(self.suite_file),
+                           field="family.heads", fix="rebuild the heads for every task")
+        self._heads = {t: tensors[t].float() for t in self.suite.task_names}
+
+    def head(self, task: str) -> Tensor:
+        if self._heads is None:
+            self._load_heads()
+        return self._heads[task]
+
+    def logits(self, model: nn.Module, task: str, inputs: Tensor) -> Tensor:
+        head = self.head(task)
+        pooled = model(pixel_values=inputs.to(self.device, next(model.parameters()).dtype)).pooler_output.float()
+        if self._projection is not None:
+            pooled = pooled @ self._projection.to(pooled.device).T
+        return self._scale * F.normalize(pooled, dim=-1) @ head.to(pooled.device).T
+
+    def num_classes(self, task: str) -> int:
+        return self.head(task).shape[0]
+
+    # -- data --------------------------------------------------------------------
+    def processor(self):
+        if self._processor is None:
+            from transformers import AutoImageProcessor
+            ref = self.suite.family.processor or self.suite.family.base
+            self._processor = AutoImageProcessor.from_pretrained(self.resolve(ref, "family.processor"))
+        return self._processor
+
+    def _raw_split(self, task: str, split: str):
+        import datasets
+        spec = self.suite.task(task)
+        resolved = self.resolve(spec.dataset, f"tasks[{task}].dataset")
+        try:
+            if Path(resolved).exists():
+                ds = datasets.load_from_disk(resolved)
+                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+            else:
+                ds = datasets.load_dataset(resolved, split=split)
+        except (FileNotFoundError, KeyError, ValueError, ConnectionError) as exc:
+            raise SuiteUnavailable(f"cannot load split '{split}' of dataset '{spec.dataset}': {exc}",
+                                   file=str(self.suite_file), field=f"tasks[{task}].dataset",
+                                   fix="build the zoo, or download the dataset to the HF cache") from None
+        if spec.max_examples is not None and len(ds) > spec.max_examples:
+            ds = ds.select(range(spec.max_examples))
+        return ds
+
+    def eval_data(self, task: str, split: str, corruption: str | None = None,
+                  severity: int | None = None) -> tuple[Tensor, Tensor]:
+        """Preprocessed (inputs, labels) for one split and condition, computed once and cached."""
+        ds = self._raw_split(task, split)
+        proc = self.processor()
+        key = hashlib.sha256(json.dumps({
+            "fp": ds._fingerprint, "n": len(ds), "proc": proc.to_dict(), "corruption": corruption,
+            "severity": severity, "v": 1}, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        path = cache_dir() / "evalsets" / f"{task}-{split}-{corruption or 'clean'}-{key}.safetensors"
+        if path.is_file():
+            t = load_file(str(path))
+            return t["inputs"], t["labels"]
+        image_col = "image" if "image" in ds.column_names else "img"
+        images = [np.asarray(im.convert("RGB")) for im in ds[image_col]]
+        if corruption:
+            if len({im.shape for im in images}) == 1:
+                images = list(corrupt(np.stack(images), corruption, severity or 3))
+            else:
+                images = [corrupt(im[None], corruption, severity or 3, seed=i)[0] for i, im in enumerate(images)]
+        inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
+        labels = torch.as_tensor(ds["label"], dtype=torch.long)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"inputs": inputs, "labels": labels}, str(tmp))
+        tmp.rename(path)
+        return inputs, labels
+
+    def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.argmax(dim=-1).cpu() == targets.cpu()).float()

@@ -1,0 +1,243 @@
+"""Suite and submission specs: YAML in, validated config objects out.
+
+Every error names the file, the field and a fix; nothing downstream sees raw YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import FbhError
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+NAME_FIX = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- suites
+
+class ZooSpec(Strict):
+    """Models and data the harness builds itself, offline and deterministically."""
+    builder: str
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+
+class FamilySpec(Strict):
+    kind: str = Field(description="model-family adapter, e.g. clip_vision")
+    base: str = Field(description="pre-trained model: HuggingFace id, local path, or zoo://path")
+    experts: dict[str, str] = Field(description="one fine-tuned model per task name")
+    heads: str | None = Field(None, description="fixed classification heads (safetensors), if the family uses them")
+    processor: str | None = Field(None, description="preprocessor location; defaults to base")
+    zoo: ZooSpec | None = None
+    revision: str | None = Field(None, description="hub revision pinned for every model ref")
+    trust_remote_code: bool = False
+    allow_pickle: bool = Field(False, description="opt in to loading non-safetensors checkpoints")
+
+
+class TaskSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    dataset: str = Field(description="HuggingFace dataset id, local path, or zoo://path")
+    split: str = "test"
+    validation_split: str | None = "validation"
+    train_split: str | None = "train"
+    metric: Literal["accuracy", "exact_match", "spearman", "miou", "pixel_accuracy",
+                    "abs_err", "rel_err", "mean_angle"] = "accuracy"
+    max_examples: int | None = Field(None, gt=0, le=10_000_000)
+    classes: list[str] | None = None
+    templates: list[str] | None = None
+
+
+class CorruptionSpec(Strict):
+    name: Literal["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter",
+                  "contrast", "jpeg"]
+    severity: int = Field(3, ge=1, le=5)
+    tasks: list[str] | None = Field(None, description="tasks whose test sets are corrupted; default all")
+
+
+class GeneralizationSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    seen: list[str] = Field(min_length=1)
+    unseen: list[str] = Field(min_length=1)
+    source: str | None = None
+
+
+class PublishedRow(Strict):
+    label: str = Field(min_length=1, max_length=120)
+    method: str | None = None
+    source: str = Field(min_length=1, description="where the numbers come from, e.g. 'FusionBench Table 3'")
+    tolerance: float = Field(0.5, ge=0, le=100)
+    split: str | None = Field(None, description="generalization split name, if the row is for one")
+    condition: str = "clean"
+    values: dict[str, float]
+
+
+class ReferencesSpec(Strict):
+    computed: list[Literal["pretrained", "stl", "mtl"]] = Field(default_factory=lambda: ["pretrained", "stl"])
+    mtl: str | None = Field(None, description="multi-task model (required if 'mtl' is computed)")
+    published: list[PublishedRow] = Field(default_factory=list)
+
+
+class SuiteSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    title: str | None = None
+    description: str = ""
+    default: bool = Field(False, description="run by `fbh submit` when no --suite is given")
+    family: FamilySpec
+    tasks: list[TaskSpec] = Field(min_length=1)
+    corruptions: list[CorruptionSpec] = Field(default_factory=list)
+    generalization: list[GeneralizationSpec] = Field(default_factory=list)
+    references: ReferencesSpec = Field(default_factory=ReferencesSpec)
+    eval_batch_size: int = Field(256, ge=1, le=65536)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SuiteSpec":
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate task names {dupes}; each task name must be unique")
+        missing = [n for n in names if n not in self.family.experts]
+        if missing:
+            raise ValueError(f"tasks {missing} have no expert in family.experts; add one per task")
+        extra = [n for n in self.family.experts if n not in names]
+        if extra:
+            raise ValueError(f"family.experts names {extra}, which are not tasks; remove them or add the tasks")
+        for g in self.generalization:
+            unknown = [n for n in g.seen + g.unseen if n not in names]
+            if unknown:
+                raise ValueError(f"generalization '{g.name}' names unknown tasks {unknown}")
+            if set(g.seen) & set(g.unseen):
+                raise ValueError(f"generalization '{g.name}': a task cannot be both seen and unseen")
+        for c in self.corruptions:
+            unknown = [n for n in (c.tasks or []) if n not in names]
+            if unknown:
+                raise ValueError(f"corruption '{c.name}' names unknown tasks {unknown}")
+        if "mtl" in self.references.computed and not self.references.mtl:
+            raise ValueError("references.computed lists 'mtl' but references.mtl names no model")
+        return self
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+
+# ----------------------------------------------------------------------------- submissions
+
+GridValue = list[Any]
+
+
+class SubmissionSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    method: str = Field(min_length=1, max_length=64)
+    description: str = Field("", max_length=4000)
+    authors: str = Field("", max_length=500)
+    url: str | None = Field(None, max_length=500)
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, GridValue] = Field(default_factory=dict,
+                                       description="values to select on the validation split")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    suites: list[str] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://", v):
+            raise ValueError("url must start with http:// or https://")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_disjoint(self) -> "SubmissionSpec":
+        both = sorted(set(self.params) & set(self.grid))
+        if both:
+            raise ValueError(f"{both} appear in both params and grid; give each hyperparameter once")
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is empty; give at least one value")
+            if len(values) > 64:
+                raise ValueError(f"grid.{key} has {len(values)} values; at most 64 are allowed")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+MAX_SPEC_BYTES = 1_000_000
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FbhError("file not found", file=str(path), fix="check the path")
+    if path.stat().st_size > MAX_SPEC_BYTES:
+        raise FbhError(f"file is larger than {MAX_SPEC_BYTES} bytes", file=str(path),
+                       fix="specs are small YAML files; keep data out of them")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FbhError("file is not UTF-8 text", file=str(path), fix="save it as UTF-8 YAML") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise FbhError(f"invalid YAML{at}: {problem}", file=str(path),
+                       fix="fix the YAML syntax (indentation, quotes, colons)") from None
+    if not isinstance(data, dict):
+        raise FbhError("top level must be a mapping of fields", file=str(path),
+                       fix="write 'name: ...' style fields at the top level") from None
+    return data
+
+
+def field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def validation_error(exc: ValidationError, file: str, what: str) -> FbhError:
+    first = exc.errors()[0]
+    loc = tuple(p for p in first["loc"] if p not in ("function-after",))
+    field = field_path(loc)
+    msg = first["msg"].removeprefix("Value error, ")
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        fix = f"remove '{field}' or check its spelling against the {what} schema"
+        msg = "unknown field"
+    elif kind == "missing":
+        fix = f"add the required field '{field}'"
+        msg = "required field is missing"
+    elif kind.startswith("string_pattern"):
+        fix = NAME_FIX
+    else:
+        fix = f"correct the value of '{field}' (got {first.get('input')!r:.80})"
+    more = len(exc.errors()) - 1
+    if more:
+        msg += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return FbhError(msg, file=file, field=field, fix=fix)
+
+
+def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, file, what) from None
+
+
+def load_suite(path: Path) -> SuiteSpec:
+    return parse(SuiteSpec, read_yaml(path), str(path), "suite")
+
+
+def load_submission(path: Path) -> SubmissionSpec:
+    return parse(SubmissionSpec, read_yaml(path), str(path), "submission")

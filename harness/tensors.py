@@ -1,0 +1,59 @@
+"""State-dict arithmetic shared by merging methods.
+
+Merging happens in float32 and is cast back, so a bf16/fp16 model stays in its dtype;
+non-floating entries (position ids, counters) are taken from the base unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+StateDict = dict[str, Tensor]
+
+
+def mergeable(name: str, tensor: Tensor) -> bool:
+    return tensor.is_floating_point()
+
+
+def task_vector(base: StateDict, expert: StateDict) -> StateDict:
+    """tau = theta_expert - theta_base for every floating entry (float32)."""
+    return {k: expert[k].float() - v.float() for k, v in base.items() if mergeable(k, v)}
+
+
+def apply_delta(base: StateDict, delta: StateDict, scale: float = 1.0) -> StateDict:
+    """theta_base + scale * delta, keeping the base's dtype and device per entry."""
+    out = {}
+    for k, v in base.items():
+        if k in delta:
+            out[k] = (v.float() + scale * delta[k].to(v.device)).to(v.dtype)
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def map_entries(base: StateDict, fn: Callable[[str, Tensor], Tensor]) -> StateDict:
+    """Apply fn(name, base_tensor) -> float32 tensor to every mergeable entry; copy the rest."""
+    return {k: (fn(k, v).to(v.dtype) if mergeable(k, v) else v.clone()) for k, v in base.items()}
+
+
+def stack(states: Sequence[StateDict], key: str) -> Tensor:
+    """Stack one entry of several state dicts along a new leading axis, in float32."""
+    return torch.stack([s[key].float() for s in states])
+
+
+def check_compatible(base: StateDict, experts: Iterable[StateDict]) -> None:
+    for i, e in enumerate(experts):
+        if e.keys() != base.keys():
+            missing = sorted(set(base) - set(e))[:3]
+            extra = sorted(set(e) - set(base))[:3]
+            raise ValueError(f"expert {i} does not match the base architecture (missing {missing}, extra {extra})")
+        for k, v in base.items():
+            if e[k].shape != v.shape:
+                raise ValueError(f"expert {i} entry '{k}' has shape {tuple(e[k].shape)}, base {tuple(v.shape)}")
+
+
+def num_parameters(state: StateDict) -> int:
+    return sum(v.numel() for k, v in state.items() if mergeable(k, v))

@@ -1,0 +1,459 @@
+"""tiny-vision: an offline analogue of FusionBench's eight-task CLIP-ViT setting.
+
+Eight procedural 32x32 image-classification tasks (one built on sklearn's shipped
+8x8 digits), a small transformers CLIPVisionModel pre-trained on a procedural
+pretext mixture, fixed per-task heads from the pre-trained features (the analogue
+of CLIP's zero-shot text heads), one expert fine-tuned per task against its fixed
+head, and a jointly fine-tuned multi-task (MTL) model. Only the vision encoder is
+trained after pre-training, so only it is merged. Everything is seeded and built on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+IMAGE = 32
+
+DEFAULT_RECIPE: dict[str, Any] = {
+    "seed": 0,
+    "tasks": ["digits", "shapes", "textures", "colors", "counting", "position", "orientation", "svhn"],
+    "n_train": 1000,
+    "n_validation": 200,
+    "n_test": 500,
+    "hidden_size": 64,
+    "num_layers": 4,
+    "num_heads": 4,
+    "patch_size": 8,
+    "pretrain_steps": 500,
+    "pretrain_lr": 2e-3,
+    "pretrain_batch": 128,
+    "finetune_steps": 120,
+    "finetune_lr": 5e-4,
+    "finetune_batch": 64,
+    "mtl_steps": 400,
+    "head_examples": 100,
+    "logit_scale": 20.0,
+    "weight_decay": 0.0,
+}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+def _grid():
+    yy, xx = np.mgrid[0:IMAGE, 0:IMAGE].astype(np.float32)
+    return yy, xx
+
+
+YY, XX = _grid()
+
+
+def _background(rng: np.random.Generator, dark: bool = True) -> np.ndarray:
+    base = rng.uniform(0, 0.35 if dark else 1.0, size=3).astype(np.float32)
+    noise = rng.normal(0, 0.06, size=(IMAGE, IMAGE, 3)).astype(np.float32)
+    return np.clip(base + noise, 0, 1)
+
+
+def _color(rng: np.random.Generator) -> np.ndarray:
+    c = rng.uniform(0.55, 1.0, size=3).astype(np.float32)
+    c[rng.integers(3)] *= rng.uniform(0.2, 0.7)
+    return c
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, color: np.ndarray) -> np.ndarray:
+    m = mask.astype(np.float32)[..., None]
+    return img * (1 - m) + color[None, None, :] * m
+
+
+def _shape_mask(kind: int, cy: float, cx: float, r: float, angle: float = 0.0) -> np.ndarray:
+    dy, dx = YY - cy, XX - cx
+    ca, sa = math.cos(angle), math.sin(angle)
+    ry, rx = ca * dy - sa * dx, sa * dy + ca * dx
+    if kind == 0:  # disc
+        return dy ** 2 + dx ** 2 <= r ** 2
+    if kind == 1:  # square
+        return (np.abs(ry) <= r * 0.8) & (np.abs(rx) <= r * 0.8)
+    if kind == 2:  # triangle
+        return (ry <= r * 0.7) & (ry >= -r * 0.9 + 1.8 * np.abs(rx))
+    if kind == 3:  # diamond
+        return np.abs(ry) + np.abs(rx) <= r
+    if kind == 4:  # cross
+        return ((np.abs(ry) <= r * 0.3) & (np.abs(rx) <= r)) | ((np.abs(rx) <= r * 0.3) & (np.abs(ry) <= r))
+    if kind == 5:  # ring
+        d = np.sqrt(dy ** 2 + dx ** 2)
+        return (d <= r) & (d >= r * 0.55)
+    if kind == 6:  # horizontal bar
+        return (np.abs(ry) <= r * 0.3) & (np.abs(rx) <= r)
+    if kind == 7:  # L corner
+        return ((np.abs(rx + r * 0.5) <= r * 0.3) & (np.abs(ry) <= r)) | ((np.abs(ry - r * 0.7) <= r * 0.3) & (np.abs(rx) <= r))
+    raise ValueError(kind)
+
+
+def _digit_bank() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+
+
+def _place_digit(img, glyph, color, scale, oy, ox):
+    g = np.kron(glyph, np.ones((scale, scale), dtype=np.float32))
+    h, w = g.shape
+    region = img[oy:oy + h, ox:ox + w]
+    gm = g[: region.shape[0], : region.shape[1], None]
+    img[oy:oy + h, ox:ox + w] = region * (1 - gm) + color[None, None, :] * gm
+    return img
+
+
+# ----------------------------------------------------------------------------- tasks
+
+def gen_digits(rng, n, bank, held_out):
+    images, labels = bank
+    idx_pool = np.arange(len(labels))
+    idx_pool = idx_pool[idx_pool % 5 == 0] if held_out else idx_pool[idx_pool % 5 != 0]
+    xs, ys = [], []
+    for _ in range(n):
+        i = rng.choice(idx_pool)
+        img = _background(rng)
+        scale = 3
+        o = rng.integers(0, IMAGE - 8 * scale + 1, size=2)
+        xs.append(_place_digit(img, images[i], _color(rng), scale, o[0], o[1]))
+        ys.append(labels[i])
+    return xs, ys
+
+
+def gen_svhn(rng, n, bank, held_out):
+    images, labels = bank
+    idx_pool = np.arange(len(labels))
+    idx_pool = idx_pool[idx_pool % 5 == 0] if held_out else idx_pool[idx_pool % 5 != 0]
+    xs, ys = [], []
+    for _ in range(n):
+        img = _background(rng, dark=False)
+        img = _paint(img, (YY // 4 + XX // 4) % 2 == 0, rng.uniform(0, 1, 3).astype(np.float32) * 0.5 + img.mean() * 0.5)
+        for side in (-1, 1):  # partial distractor digits at the borders, as in house numbers
+            j = rng.choice(idx_pool)
+            _place_digit(img, images[j][:, 2:6] if side < 0 else images[j][:, :4], _color(rng), 3,
+                         rng.integers(2, 8), 0 if side < 0 else IMAGE - 12)
+        i = rng.choice(idx_pool)
+        color = 1.0 - img.mean(axis=(0, 1)) * 0.8
+        _place_digit(img, images[i], np.clip(color, 0, 1).astype(np.float32), 2, rng.integers(6, 11), rng.integers(6, 11))
+        xs.append(img)
+        ys.append(labels[i])
+    return xs, ys
+
+
+def gen_shapes(rng, n, *_):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(8))
+        r = rng.uniform(6, 10)
+        cy, cx = rng.uniform(r, IMAGE - r, size=2)
+        img = _paint(_background(rng), _shape_mask(k, cy, cx, r, rng.uniform(-0.3, 0.3)), _color(rng))
+        xs.append(img)
+        ys.append(k)
+    return xs, ys
+
+
+def gen_textures(rng, n, *_):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(8))
+        f = rng.uniform(0.35, 0.7)
+        ph = rng.uniform(0, 2 * np.pi)
+        if k == 0:
+            field = np.sin(f * YY + ph)
+        elif k == 1:
+            field = np.sin(f * XX + ph)
+        elif k == 2:
+            field = np.sin(f * (XX + YY) / 1.4 + ph)
+        elif k == 3:
+            field = np.sin(f * (XX - YY) / 1.4 + ph)
+        elif k == 4:
+            field = np.sin(f * XX + ph) * np.sin(f * YY + ph)
+        elif k == 5:
+            field = np.cos(f * np.sqrt((YY - 16) ** 2 + (XX - 16) ** 2) * 1.5 + ph)
+        elif k == 6:
+            field = (np.sin(f * XX + ph) * np.sin(f * YY)) > 0.6
+            field = field.astype(np.float32) * 2 - 1
+        else:
+            field = np.sign(np.sin(f * 0.6 * XX + ph)) * np.sign(np.sin(f * 0.6 * YY + ph))
+        a, b = _color(rng), rng.uniform(0, 0.4, 3).astype(np.float32)
+        t = ((field + 1) / 2)[..., None]
+        img = b * (1 - t) + a * t + rng.normal(0, 0.05, (IMAGE, IMAGE, 3))
+        xs.append(np.clip(img, 0, 1).astype(np.float32))
+        ys.append(k)
+    return xs, ys
+
+
+HUES = 8
+
+
+def gen_colors(rng, n, *_):
+    import colorsys
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(HUES))
+        hue = (k + rng.uniform(0.1, 0.9)) / HUES
+        img = _background(rng)
+        for _ in range(int(rng.integers(3, 7))):
+            r = rng.uniform(3, 7)
+            cy, cx = rng.uniform(0, IMAGE, 2)
+            rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1), rng.uniform(0.6, 1)), dtype=np.float32)
+            img = _paint(img, _shape_mask(int(rng.integers(6)), cy, cx, r), rgb)
+        xs.append(img)
+        ys.append(k)
+    return xs, ys
+
+
+def gen_counting(rng, n, *_):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(6))
+        img = _background(rng)
+        color = _color(rng)
+        placed = []
+        while len(placed) < k + 1:
+            c = rng.uniform(3, IMAGE - 3, 2)
+            if all(np.abs(c - p).max() > 6 for p in placed):
+                placed.append(c)
+        for cy, cx in placed:
+            img = _paint(img, _shape_mask(0, cy, cx, rng.uniform(1.8, 2.8)), color)
+        xs.append(img)
+        ys.append(k)
+    return xs, ys
+
+
+def gen_position(rng, n, *_):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(9))
+        cy = (k // 3 + rng.uniform(0.25, 0.75)) * IMAGE / 3
+        cx = (k % 3 + rng.uniform(0.25, 0.75)) * IMAGE / 3
+        img = _background(rng, dark=False) * 0.6
+        for _ in range(3):  # faint distractors
+            d = rng.uniform(0, IMAGE, 2)
+            img = _paint(img, _shape_mask(int(rng.integers(8)), d[0], d[1], 2.0), img.mean((0, 1)) + 0.15)
+        img = _paint(img, _shape_mask(int(rng.integers(6)), cy, cx, rng.uniform(3, 5)), _color(rng))
+        xs.append(img)
+        ys.append(k)
+    return xs, ys
+
+
+def gen_orientation(rng, n, *_):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(8))
+        theta = (k + rng.uniform(0.15, 0.85)) * np.pi / 8
+        cy, cx = rng.uniform(11, 21, 2)
+        d = np.abs(-(YY - cy) * np.cos(theta) + (XX - cx) * np.sin(theta))
+        along = np.abs((YY - cy) * np.sin(theta) + (XX - cx) * np.cos(theta))
+        mask = (d <= 1.3) & (along <= rng.uniform(9, 13))
+        xs.append(_paint(_background(rng), mask, _color(rng)))
+        ys.append(k)
+    return xs, ys
+
+
+TASKS: dict[str, tuple[Callable, list[str]]] = {
+    "digits": (gen_digits, [str(i) for i in range(10)]),
+    "shapes": (gen_shapes, ["disc", "square", "triangle", "diamond", "cross", "ring", "bar", "corner"]),
+    "textures": (gen_textures, ["horizontal", "vertical", "diagonal", "antidiagonal", "grid", "rings", "dots", "checker"]),
+    "colors": (gen_colors, ["red", "orange", "yellow", "green", "teal", "blue", "purple", "pink"]),
+    "counting": (gen_counting, ["one", "two", "three", "four", "five", "six"]),
+    "position": (gen_position, ["top-left", "top", "top-right", "left", "center", "right",
+                                "bottom-left", "bottom", "bottom-right"]),
+    "orientation": (gen_orientation, [f"{int(i * 22.5)}deg" for i in range(8)]),
+    "svhn": (gen_svhn, [str(i) for i in range(10)]),
+}
+
+
+def make_split(task: str, split: str, n: int, seed: int, bank) -> tuple[np.ndarray, np.ndarray]:
+    gen, _ = TASKS[task]
+    offset = {"train": 0, "validation": 1, "test": 2, "pretrain": 3, "heads": 4}[split]
+    task_id = list(TASKS).index(task)
+    rng = np.random.default_rng([seed, task_id, offset])
+    xs, ys = gen(rng, n, bank, split == "test")
+    return (np.clip(np.stack(xs), 0, 1) * 255).round().astype(np.uint8), np.asarray(ys, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- pretext data
+
+def pretext_batch(rng: np.random.Generator, n: int, bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Generic visual pretext: which generator family made the image, and its rotation.
+
+    It teaches general primitives (strokes, blobs, periodic patterns) without the
+    downstream label spaces, so the fixed heads start well above chance but far from STL.
+    """
+    tasks = list(TASKS)
+    fam = rng.integers(len(tasks), size=n)
+    imgs = []
+    for t in fam:
+        gen, _ = TASKS[tasks[t]]
+        x, _ = gen(rng, 1, bank, False)
+        imgs.append(x[0])
+    imgs = np.stack(imgs)
+    rot = rng.integers(4, size=n)
+    imgs = np.stack([np.rot90(im, k) for im, k in zip(imgs, rot)])
+    return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8), fam.astype(np.int64), rot.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- models
+
+MEAN = [0.5, 0.5, 0.5]
+STD = [0.5, 0.5, 0.5]
+
+
+def to_pixels(images_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> normalized CHW float32, exactly what the saved CLIPImageProcessor produces."""
+    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 255.0
+    return (x - 0.5) / 0.5
+
+
+def make_model(recipe):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    cfg = CLIPVisionConfig(hidden_size=recipe["hidden_size"], intermediate_size=2 * recipe["hidden_size"],
+                           num_hidden_layers=recipe["num_layers"], num_attention_heads=recipe["num_heads"],
+                           image_size=IMAGE, patch_size=recipe["patch_size"], num_channels=3,
+                           projection_dim=recipe["hidden_size"])
+    return CLIPVisionModel(cfg)
+
+
+def features(model, pixels: torch.Tensor) -> torch.Tensor:
+    return F.normalize(model(pixel_values=pixels).pooler_output, dim=-1)
+
+
+def save_processor(path: Path) -> None:
+    from transformers import CLIPImageProcessor
+    CLIPImageProcessor(do_resize=False, do_center_crop=False, do_rescale=True, rescale_factor=1 / 255,
+                       do_normalize=True, image_mean=MEAN, image_std=STD, do_convert_rgb=True).save_pretrained(path)
+
+
+def _batches(rng: np.random.Generator, n: int, batch: int):
+    while True:
+        perm = rng.permutation(n)
+        for s in range(0, n - batch + 1, batch):
+            yield perm[s:s + batch]
+
+
+def pretrain(recipe, bank, progress) -> torch.nn.Module:
+    torch.manual_seed(recipe["seed"])
+    model = make_model(recipe)
+    d = recipe["hidden_size"]
+    fam_head = torch.nn.Linear(d, len(TASKS))
+    rot_head = torch.nn.Linear(d, 4)
+    params = list(model.parameters()) + list(fam_head.parameters()) + list(rot_head.parameters())
+    opt = torch.optim.AdamW(params, lr=recipe["pretrain_lr"], weight_decay=0.01)
+    steps = recipe["pretrain_steps"]
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["pretrain_lr"], total_steps=max(steps, 1))
+    rng = np.random.default_rng([recipe["seed"], 99])
+    pool = 4096  # a fixed pool of pretext images, re-rotated every batch
+    imgs, fam, _ = pretext_batch(rng, pool, bank)
+    for step in range(steps):
+        idx = rng.integers(pool, size=recipe["pretrain_batch"])
+        rot = rng.integers(4, size=len(idx))
+        x = np.stack([np.rot90(imgs[i], k) for i, k in zip(idx, rot)])
+        pooled = model(pixel_values=to_pixels(np.ascontiguousarray(x))).pooler_output
+        loss = F.cross_entropy(fam_head(pooled), torch.from_numpy(fam[idx])) + \
+            F.cross_entropy(rot_head(pooled), torch.from_numpy(rot))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            progress(f"pretrain step {step}/{steps} loss {loss.item():.3f}")
+    return model
+
+
+@torch.no_grad()
+def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    model.eval()
+    heads = {}
+    for task, (x, y) in data.items():
+        f = features(model, to_pixels(x))
+        classes = len(TASKS[task][1])
+        protos = torch.stack([f[torch.from_numpy(y == c)].mean(0) for c in range(classes)])
+        heads[task] = F.normalize(protos, dim=-1).contiguous()
+    return heads
+
+
+def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int, progress, label: str):
+    import copy
+    model = copy.deepcopy(base)
+    model.train()
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["finetune_lr"], weight_decay=recipe["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    rng = np.random.default_rng([seed, 7])
+    iters = {t: _batches(rng, len(data[t][1]), recipe["finetune_batch"]) for t in tasks}
+    scale = recipe["logit_scale"]
+    for step in range(steps):
+        loss = 0.0
+        for t in (tasks if len(tasks) == 1 else [tasks[step % len(tasks)]]):
+            idx = next(iters[t])
+            x, y = data[t]
+            logits = scale * features(model, to_pixels(x[idx])) @ heads[t].T
+            loss = loss + F.cross_entropy(logits, torch.from_numpy(y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    progress(f"fine-tuned {label} ({steps} steps, last loss {float(loss):.3f})")
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- build
+
+def save_dataset(path: Path, task: str, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+    feats = Features({"image": Image(), "label": ClassLabel(names=TASKS[task][1])})
+    dd = DatasetDict({
+        split: Dataset.from_dict({"image": [PILImage.fromarray(im) for im in x], "label": y.tolist()},
+                                 features=feats)
+        for split, (x, y) in splits.items()
+    })
+    dd.save_to_disk(str(path))
+
+
+def build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    started = time.time()
+    torch.manual_seed(recipe["seed"])
+    bank = _digit_bank()
+    tasks = list(recipe["tasks"])
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown tiny-vision tasks {unknown}; known: {list(TASKS)}")
+    seed = recipe["seed"]
+    data = {s: {t: make_split(t, s, recipe[f"n_{s}"], seed, bank) for t in tasks}
+            for s in ("train", "validation", "test")}
+    for t in tasks:
+        save_dataset(out / "data" / t, t, {s: data[s][t] for s in ("train", "validation", "test")})
+    progress(f"generated data for {len(tasks)} tasks")
+
+    base = pretrain(recipe, bank, progress)
+    base.eval()
+    base.save_pretrained(out / "pretrained")
+    save_processor(out / "pretrained")
+
+    head_data = {t: make_split(t, "heads", recipe["head_examples"], seed, bank) for t in tasks}
+    heads = compute_heads(base, head_data)
+    save_file(heads, str(out / "heads.safetensors"),
+              metadata={"logit_scale": str(recipe["logit_scale"]), "kind": "prototype"})
+
+    for i, t in enumerate(tasks):
+        expert = finetune(base, recipe, [t], data["train"], heads, recipe["finetune_steps"], seed + 1 + i,
+                          progress, f"expert {t}")
+        expert.save_pretrained(out / "experts" / t)
+    mtl = finetune(base, recipe, tasks, data["train"], heads, recipe["mtl_steps"], seed + 100, progress, "MTL")
+    mtl.save_pretrained(out / "mtl")
+    report = {"seconds": round(time.time() - started, 1), "tasks": tasks,
+              "classes": {t: TASKS[t][1] for t in tasks}}
+    (out / "zoo.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,1 @@
+"""Fusion methods: one file each, registered with harness.registry.method on import."""

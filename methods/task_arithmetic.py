@@ -1,0 +1,25 @@
+"""Task arithmetic: add the scaled sum of task vectors to the pre-trained model.
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023. arXiv:2212.04089
+theta = theta_pre + lambda * sum_t (theta_t - theta_pre); FusionBench uses lambda = 0.3.
+"""
+
+from pydantic import Field
+
+from harness.api import FusionContext, Params, method
+from harness.tensors import map_entries
+
+
+class TaskArithmeticParams(Params):
+    scaling_factor: float = Field(0.3, ge=0.0, le=10.0)
+
+
+@method("task_arithmetic", params=TaskArithmeticParams, category="merging")
+def task_arithmetic(ctx: FusionContext, params: TaskArithmeticParams):
+    base, experts, lam = ctx.base, ctx.experts, params.scaling_factor
+
+    def merge(key, base_tensor):
+        b = base_tensor.float()
+        return b + lam * sum(e[key].float() - b for e in experts)
+
+    return map_entries(base, merge)
