@@ -1,0 +1,170 @@
+"""fbh command line: a thin shell over harness.runner, harness.leaderboard and friends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from harness.errors import FbhError
+
+DB_HELP = "DuckDB results file [default: $FBH_DB, else .fbh/results.duckdb in the current directory]"
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as tlog
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        import datasets
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def progress_printer(quiet: bool = False):
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(msg, err=True)
+    return say
+
+
+class FbhGroup(click.Group):
+    """Turns user errors into one clear message and exit code 2, without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FbhError as exc:
+            click.echo(f"error: {exc.render()}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=FbhGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fbh")
+def main():
+    """fbh: fuse fine-tuned models, evaluate them on declared suites, and rank them."""
+    _quiet_libraries()
+
+
+@main.command()
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--suite", "suites", multiple=True, help="suite name (repeatable) [default: the submission's "
+              "suites, else every suite marked default]")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="recompute runs even if an identical run is stored")
+@click.option("--quiet", is_flag=True, help="print only the summary")
+def submit(submission, suites, db, device, force, quiet):
+    """Fuse and evaluate SUBMISSION (a submissions/*.yaml file) and store the runs."""
+    from harness.runner import submit as run_submit
+    report = run_submit(submission, suites=list(suites) or None, db=db, device=device,
+                        progress=progress_printer(quiet), force=force)
+    for o in report.outcomes:
+        score = f"{o.mean:6.2f}" if o.mean is not None else "      "
+        click.echo(f"{o.status:7s} {o.suite:18s} {o.setting:24s} {o.label:28s} {score}"
+                   + (f"  {o.error}" if o.error else ""))
+    if report.failed:
+        click.echo(f"{len(report.failed)} run(s) failed", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--suite", required=True, help="suite name")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--setting", default="all", show_default=True, help="'all' or a generalization split name")
+@click.option("--condition", default="clean", show_default=True, help="'clean' or a corruption name")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+def leaderboard(suite, fmt, setting, condition, db):
+    """Print the leaderboard of one suite: references, then submissions by mean score."""
+    from harness.leaderboard import render, table
+    from harness.paths import default_db
+    from harness.store import Store
+    path = db or default_db()
+    if not Path(path).exists():
+        raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
+    tasks, entries = table(Store(path), suite, setting=setting, condition=condition)
+    if not entries:
+        raise FbhError(f"no results for suite '{suite}' (setting {setting}, condition {condition})",
+                       field="--suite", fix="submit to this suite first, or check the name with `fbh suites list`")
+    click.echo(render(tasks, entries, fmt))
+
+
+@main.group()
+def suites():
+    """Inspect benchmark suites."""
+
+
+@suites.command("list")
+def suites_list():
+    """List every suite in suites/ with its tasks and whether its models are available."""
+    from harness.runner import find_suite, suite_files
+    from harness.suites import availability
+    for name in suite_files():
+        try:
+            spec, path = find_suite(name)
+        except FbhError as exc:
+            click.echo(f"{name:24s} INVALID  {exc.render().splitlines()[0]}")
+            continue
+        status, why = availability(spec, path)
+        click.echo(f"{name:24s} {status:11s} {len(spec.tasks):2d} tasks  {spec.family.kind:14s} {why}")
+
+
+@main.group()
+def methods():
+    """Inspect fusion methods."""
+
+
+@methods.command("list")
+def methods_list():
+    """List registered methods with their category, data access and output."""
+    from harness.registry import discover
+    for name, info in discover().items():
+        params = ", ".join(f"{k}={f.default!r}" for k, f in info.params.model_fields.items())
+        click.echo(f"{name:24s} {info.category:9s} data={info.data:18s} output={info.output:9s} {params}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(files):
+    """Validate suite and submission files; exit 2 on the first problem in each."""
+    from harness.validate import validate_file
+    bad = 0
+    for f in files:
+        try:
+            kind = validate_file(f)
+            click.echo(f"ok      {f} ({kind})")
+        except FbhError as exc:
+            bad += 1
+            click.echo(f"error: {exc.render()}", err=True)
+    if bad:
+        sys.exit(2)
+
+
+@main.group()
+def zoo():
+    """Build the models and data of embedded suites."""
+
+
+@zoo.command("build")
+@click.argument("suite")
+@click.option("--force", is_flag=True, help="rebuild even if a finished build is cached")
+def zoo_build(suite, force):
+    """Build SUITE's zoo (models + data) into the cache, deterministically, on CPU."""
+    from harness.runner import find_suite
+    from harness.zoo import ensure_built
+    spec, path = find_suite(suite)
+    if spec.family.zoo is None:
+        raise FbhError(f"suite '{suite}' has no zoo: its models come from the hub", file=str(path),
+                       field="family.zoo", fix="pick a suite with family.zoo, e.g. tiny-vision")
+    out = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress_printer(), force=force)
+    click.echo(str(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Leaderboard tables from the store: references first, then submissions by mean score."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+
+from harness.store import Store
+
+REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
+
+LATEST_RUNS = """
+SELECT * FROM (
+  SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting ORDER BY finished_at DESC) AS rn
+  FROM runs WHERE status = 'ok' AND suite = ? AND setting = ?
+) WHERE rn = 1
+"""
+
+
+@dataclass
+class Entry:
+    kind: str
+    label: str
+    run_id: str
+    method: str | None
+    scores: dict[str, float]
+    average: float | None
+    normalized: float | None
+    data_access: str | None = None
+    output_kind: str | None = None
+    n_parameters: int | None = None
+    fusion_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    source: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def suite_tasks(store: Store, suite: str) -> list[str]:
+    rows = store.query("SELECT task_names FROM suites WHERE name = ?", [suite])
+    return json.loads(rows[0]["task_names"]) if rows else []
+
+
+def table(store: Store, suite: str, *, setting: str = "all", condition: str = "clean",
+          task_split: str | None = None) -> tuple[list[str], list[Entry]]:
+    """(task columns, entries). Normalized score = mean over tasks of score / STL score (FusionBench)."""
+    tasks = suite_tasks(store, suite)
+    runs = store.query(LATEST_RUNS, [suite, setting])
+    if setting != "all":  # references do not depend on the split; take them from 'all'
+        runs += [r for r in store.query(LATEST_RUNS, [suite, "all"]) if r["kind"] == "reference"]
+    results = store.query(
+        "SELECT run_id, task, task_split, value FROM results WHERE condition = ? AND run_id IN "
+        f"(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
+    by_run: dict[str, dict[str, float]] = {}
+    for r in results:
+        if task_split is None or r["task_split"] == task_split:
+            by_run.setdefault(r["run_id"], {})[r["task"]] = r["value"]
+    stl = next((by_run.get(r["run_id"], {}) for r in runs if r["label"] == "STL" and r["kind"] == "reference"), {})
+    entries = []
+    for r in runs:
+        scores = by_run.get(r["run_id"], {})
+        if not scores:
+            continue
+        cols = [t for t in tasks if t in scores]
+        norm = _mean([scores[t] / stl[t] * 100 for t in cols if stl.get(t)])
+        entries.append(Entry(kind=r["kind"], label=r["label"], run_id=r["run_id"], method=r["method"],
+                             scores=scores, average=_mean([scores[t] for t in cols]), normalized=norm,
+                             data_access=r["data_access"], output_kind=r["output_kind"],
+                             n_parameters=r["n_parameters"], fusion_seconds=r["fusion_seconds"],
+                             peak_memory_bytes=r["peak_memory_bytes"], source=r["source"]))
+    kind_rank = {"reference": 0, "published": 1, "submission": 2}
+    entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), REFERENCE_ORDER.get(e.label, 9),
+                                -(e.average if e.average is not None else -1e9), e.label))
+    return tasks, entries
+
+
+def render(tasks: list[str], entries: list[Entry], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps({"tasks": tasks, "entries": [asdict(e) for e in entries]}, indent=2, default=str)
+    header = ["kind", "label", *tasks, "average", "normalized"]
+    rows = [[e.kind, e.label, *[_fmt(e.scores.get(t)) for t in tasks], _fmt(e.average), _fmt(e.normalized)]
+            for e in entries]
+    if fmt == "csv":
+        buf = io.StringIO()
+        csv.writer(buf).writerows([header, *rows])
+        return buf.getvalue()
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _fmt(v):
+    return "" if v is None else f"{v:.1f}"

@@ -1,0 +1,236 @@
+"""DuckDB storage of submissions, suites, runs and results.
+
+A run and its result rows are written in one transaction: a run is complete or
+absent. Connections are short-lived and retried while another fbh process holds the
+file's lock, so two `fbh submit` processes can share one database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS submissions (
+    name VARCHAR PRIMARY KEY,
+    method VARCHAR NOT NULL,
+    description VARCHAR,
+    authors VARCHAR,
+    url VARCHAR,
+    spec JSON NOT NULL,
+    source_path VARCHAR,
+    spec_hash VARCHAR NOT NULL,
+    updated_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS suites (
+    name VARCHAR PRIMARY KEY,
+    title VARCHAR,
+    description VARCHAR,
+    spec JSON NOT NULL,
+    spec_hash VARCHAR NOT NULL,
+    task_names JSON NOT NULL,
+    updated_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id VARCHAR PRIMARY KEY,
+    run_key VARCHAR NOT NULL,
+    kind VARCHAR NOT NULL,            -- submission | reference | published
+    label VARCHAR NOT NULL,           -- submission name, or pretrained / STL / MTL / published label
+    submission VARCHAR,
+    suite VARCHAR NOT NULL,
+    setting VARCHAR NOT NULL,         -- 'all' or a generalization split name
+    method VARCHAR,
+    status VARCHAR NOT NULL,          -- ok | failed
+    error VARCHAR,
+    params JSON,                      -- the hyperparameters used (chosen grid values included)
+    grid JSON,                        -- validation scores of every grid point, if a grid was searched
+    data_access VARCHAR,
+    output_kind VARCHAR,
+    n_parameters BIGINT,
+    seed INTEGER,
+    device VARCHAR,
+    code_version VARCHAR,
+    git_commit VARCHAR,
+    packages JSON,
+    source VARCHAR,                   -- for published rows: where the numbers come from
+    tolerance DOUBLE,
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,
+    fusion_seconds DOUBLE,
+    eval_seconds DOUBLE,
+    peak_memory_bytes BIGINT
+);
+CREATE TABLE IF NOT EXISTS results (
+    run_id VARCHAR NOT NULL,
+    task VARCHAR NOT NULL,
+    task_split VARCHAR NOT NULL,      -- seen | unseen
+    condition VARCHAR NOT NULL,       -- clean | corruption name
+    severity INTEGER,
+    metric VARCHAR NOT NULL,
+    value DOUBLE NOT NULL,
+    n INTEGER,
+    ci_low DOUBLE,
+    ci_high DOUBLE
+);
+CREATE INDEX IF NOT EXISTS runs_key ON runs (run_key);
+CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
+"""
+
+RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "setting", "method", "status",
+               "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
+               "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
+               "fusion_seconds", "eval_seconds", "peak_memory_bytes"]
+RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high"]
+JSON_COLUMNS = {"params", "grid", "packages"}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class Run:
+    run_key: str
+    kind: str
+    label: str
+    suite: str
+    setting: str = "all"
+    submission: str | None = None
+    method: str | None = None
+    status: str = "ok"
+    error: str | None = None
+    params: dict | None = None
+    grid: list | None = None
+    data_access: str | None = None
+    output_kind: str | None = None
+    n_parameters: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    code_version: str | None = None
+    git_commit: str | None = None
+    packages: dict | None = None
+    source: str | None = None
+    tolerance: float | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    fusion_seconds: float | None = None
+    eval_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")
+
+    def values(self) -> list[Any]:
+        out = []
+        for col in RUN_COLUMNS:
+            v = getattr(self, col)
+            out.append(json.dumps(v, sort_keys=True) if col in JSON_COLUMNS and v is not None else v)
+        return out
+
+
+def _is_lock_error(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflict" in text or "being used by another process" in text
+
+
+class Store:
+    """One DuckDB file. Every public method opens, uses and closes its own connection."""
+
+    def __init__(self, path: Path | str, *, lock_timeout: float = 600.0):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as con:
+            con.execute(SCHEMA)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    @contextlib.contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.05
+        while True:
+            try:
+                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
+                break
+            except duckdb.Error as exc:
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay + random.random() * delay)
+                delay = min(delay * 2, 1.0)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+    # -- writes ------------------------------------------------------------------
+    def upsert_submission(self, spec: dict[str, Any], spec_hash: str, source_path: str | None) -> None:
+        with self.transaction() as con:
+            con.execute("DELETE FROM submissions WHERE name = ?", [spec["name"]])
+            con.execute("INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [spec["name"], spec["method"], spec.get("description", ""), spec.get("authors", ""),
+                         spec.get("url"), json.dumps(spec, sort_keys=True), source_path, spec_hash, now()])
+
+    def upsert_suite(self, spec: dict[str, Any], spec_hash: str) -> None:
+        with self.transaction() as con:
+            con.execute("DELETE FROM suites WHERE name = ?", [spec["name"]])
+            con.execute("INSERT INTO suites VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [spec["name"], spec.get("title"), spec.get("description", ""),
+                         json.dumps(spec, sort_keys=True), spec_hash,
+                         json.dumps([t["name"] for t in spec["tasks"]]), now()])
+
+    def write_run(self, run: Run, rows: list[dict[str, Any]], replace_key: bool = True) -> None:
+        """Insert a run and its results atomically; an earlier run with the same key is replaced."""
+        with self.transaction() as con:
+            if replace_key:
+                old = [r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_key = ?", [run.run_key]).fetchall()]
+                for rid in old:
+                    con.execute("DELETE FROM results WHERE run_id = ?", [rid])
+                    con.execute("DELETE FROM runs WHERE run_id = ?", [rid])
+            con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+                        run.values())
+            if rows:
+                con.executemany(
+                    f"INSERT INTO results (run_id, {', '.join(RESULT_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
+                    [[run.run_id] + [r.get(c) for c in RESULT_COLUMNS] for r in rows])
+
+    # -- reads -------------------------------------------------------------------
+    def completed_run(self, run_key: str) -> dict[str, Any] | None:
+        with self.connect(read_only=True) as con:
+            cur = con.execute("SELECT * FROM runs WHERE run_key = ? AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
+                              [run_key])
+            row = cur.fetchone()
+            if row is None:
+                return None
+            return dict(zip([d[0] for d in cur.description], row))
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self.connect(read_only=True) as con:
+            cur = con.execute(sql, params or [])
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        with self.connect(read_only=True) as con:
+            return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                    for t in ("submissions", "suites", "runs", "results")}
