@@ -370,6 +370,24 @@ def pretrain(recipe, bank, progress) -> torch.nn.Module:
     return model
 
 
+def head_examples(task: str, n: int, seed: int, bank) -> tuple[np.ndarray, np.ndarray]:
+    """At least n examples with every class present, so no prototype is the mean of nothing."""
+    classes = len(TASKS[task][1])
+    x, y = make_split(task, "heads", max(n, classes), seed, bank)
+    extra = 0
+    while len(np.unique(y)) < classes:
+        extra += 1
+        x2, y2 = make_split(task, "heads", 4 * classes, seed + 1000 * extra, bank)
+        x, y = np.concatenate([x, x2]), np.concatenate([y, y2])
+    return x, y
+
+
+def check_finite(model, label: str) -> None:
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"{label} diverged: non-finite weights in {bad[:3]}; lower the learning rate")
+
+
 @torch.no_grad()
 def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     model.eval()
@@ -403,7 +421,8 @@ def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int,
         loss.backward()
         opt.step()
         sched.step()
-    progress(f"fine-tuned {label} ({steps} steps, last loss {float(loss):.3f})")
+    progress(f"fine-tuned {label} ({steps} steps, last loss {float(loss.detach()):.3f})")
+    check_finite(model, label)
     model.eval()
     return model
 
@@ -442,7 +461,7 @@ def build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) ->
     base.save_pretrained(out / "pretrained")
     save_processor(out / "pretrained")
 
-    head_data = {t: make_split(t, "heads", recipe["head_examples"], seed, bank) for t in tasks}
+    head_data = {t: head_examples(t, recipe["head_examples"], seed, bank) for t in tasks}
     heads = compute_heads(base, head_data)
     save_file(heads, str(out / "heads.safetensors"),
               metadata={"logit_scale": str(recipe["logit_scale"]), "kind": "prototype"})

@@ -1,0 +1,69 @@
+"""Shared fixtures. The end-to-end fixtures build a shrunken tiny-vision zoo once per
+test session in a temporary cache; nothing here touches the user's cache or DB."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL_TASKS = ["digits", "shapes", "textures"]
+SMALL_RECIPE = {
+    "tasks": SMALL_TASKS, "n_train": 96, "n_validation": 32, "n_test": 48, "hidden_size": 32,
+    "num_layers": 2, "num_heads": 2, "pretrain_steps": 30, "pretrain_batch": 32, "finetune_steps": 15,
+    "finetune_batch": 32, "mtl_steps": 15, "head_examples": 32,
+}
+
+
+def small_suite_spec(name: str = "tiny-small") -> dict:
+    return {
+        "name": name,
+        "title": "tiny-vision, shrunken for tests",
+        "default": True,
+        "family": {
+            "kind": "clip_vision",
+            "zoo": {"builder": "tiny_vision", "recipe": SMALL_RECIPE},
+            "base": "zoo://pretrained",
+            "heads": "zoo://heads.safetensors",
+            "experts": {t: f"zoo://experts/{t}" for t in SMALL_TASKS},
+        },
+        "tasks": [{"name": t, "dataset": f"zoo://data/{t}"} for t in SMALL_TASKS],
+        "corruptions": [{"name": "gaussian_noise", "severity": 3}, {"name": "jpeg", "severity": 2}],
+        "generalization": [{"name": "two-seen", "seen": SMALL_TASKS[:2], "unseen": SMALL_TASKS[2:]}],
+        "references": {"computed": ["pretrained", "stl", "mtl"], "mtl": "zoo://mtl",
+                       "published": [{"label": "Made-up paper row", "source": "test fixture, Table 0",
+                                      "values": {t: 50.0 for t in SMALL_TASKS}}]},
+    }
+
+
+@pytest.fixture(scope="session")
+def fbh_env(tmp_path_factory):
+    """A private FBH_CACHE + FBH_SUITES_DIR holding the shrunken suite (zoo built once)."""
+    root = tmp_path_factory.mktemp("fbh")
+    suites = root / "suites"
+    suites.mkdir()
+    (suites / "tiny-small.yaml").write_text(yaml.safe_dump(small_suite_spec()))
+    old = {k: os.environ.get(k) for k in ("FBH_CACHE", "FBH_SUITES_DIR", "FBH_DB")}
+    os.environ["FBH_CACHE"] = str(root / "cache")
+    os.environ["FBH_SUITES_DIR"] = str(suites)
+    os.environ["FBH_DB"] = str(root / "default.duckdb")
+    from harness.zoo import ensure_built
+    ensure_built("tiny_vision", SMALL_RECIPE)
+    yield root
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def write_yaml(tmp_path):
+    def write(name: str, data) -> Path:
+        path = tmp_path / name
+        path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+        return path
+    return write
