@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import threading
@@ -11,8 +9,6 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from harness import __version__
 from harness.paths import REPO_ROOT
@@ -43,21 +39,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def harness_code_hash() -> str:
-    """Hash of the harness sources that shape results (evaluation, families, zoo, tensors)."""
-    h = hashlib.sha256(__version__.encode())
-    for sub in ("evaluate.py", "tensors.py", "api.py", "corruptions.py", "families", "zoo"):
-        p = Path(__file__).parent / sub
-        for f in sorted(p.rglob("*.py") if p.is_dir() else [p]):
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def content_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str):
+    import torch
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
@@ -67,7 +50,8 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    import torch
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{os.cpu_count()}cores"
@@ -84,7 +68,7 @@ def _rss_bytes() -> int:
 class PeakMemory:
     """Peak resident memory (CPU, sampled every 5 ms) or peak allocated CUDA memory in a block."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
         self.device = device
         self.peak = 0
         self._stop = threading.Event()
@@ -95,6 +79,7 @@ class PeakMemory:
             time.sleep(0.005)
 
     def __enter__(self) -> "PeakMemory":
+        import torch
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -104,6 +89,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        import torch
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:

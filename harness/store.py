@@ -224,6 +224,14 @@ class Store:
                 return None
             return dict(zip([d[0] for d in cur.description], row))
 
+    def completed_keys(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT DISTINCT run_key FROM runs WHERE status = 'ok' AND run_key IN "
+                               "(SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
+        return {r[0] for r in rows}
+
     def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
         with self.connect(read_only=True) as con:
             cur = con.execute(sql, params or [])

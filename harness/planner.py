@@ -1,0 +1,152 @@
+"""Plan a submission into independent jobs keyed by content hashes, without loading models.
+
+A job is one (suite, setting, submission-or-reference) pair. Its key hashes everything
+its result depends on: the submission (name, method, params, grid, seed), the method's
+source file, the suite spec, the zoo recipe and builder code, and the harness's
+evaluation code. Planning reads only YAML and source bytes (no torch import), so an
+unchanged re-submit is answered from the store in about a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from harness import __version__
+from harness.errors import FbhError
+from harness.paths import REPO_ROOT, suites_dir
+from harness.spec import SubmissionSpec, SuiteSpec, load_suite
+
+REFERENCE_LABELS = {"pretrained": "pretrained", "stl": "STL", "mtl": "MTL"}
+# Harness sources whose bytes shape results; a change to any of them re-keys every run.
+RESULT_SHAPING = ("evaluate.py", "tensors.py", "api.py", "corruptions.py", "registry.py", "families", "zoo")
+
+
+def content_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=None)
+def harness_code_hash() -> str:
+    h = hashlib.sha256(__version__.encode())
+    here = Path(__file__).parent
+    for sub in RESULT_SHAPING:
+        p = here / sub
+        for f in sorted(p.rglob("*.py") if p.is_dir() else [p]):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def method_files() -> dict[str, Path]:
+    """Method name -> source file, read from the @method("name", ...) decorators without importing."""
+    out: dict[str, Path] = {}
+    for path in sorted((REPO_ROOT / "methods").glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "method" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                out[node.args[0].value] = path
+    return out
+
+
+def method_code_hash(name: str) -> str | None:
+    path = method_files().get(name)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else None
+
+
+# ----------------------------------------------------------------------------- suites
+
+def suite_files() -> dict[str, Path]:
+    """Suite name -> file, for every suites/*.yaml (a suite's name is its file name)."""
+    return {p.stem: p for p in sorted(suites_dir().glob("*.yaml"))}
+
+
+def find_suite(name: str) -> tuple[SuiteSpec, Path]:
+    files = suite_files()
+    path = files.get(name)
+    if path is None:
+        raise FbhError(f"unknown suite '{name}'", field="--suite",
+                       fix=f"use one of: {', '.join(files) or '(no suites found)'} (see `fbh suites list`)")
+    suite = load_suite(path)
+    if suite.name != path.stem:
+        raise FbhError(f"suite name '{suite.name}' does not match its file name", file=str(path), field="name",
+                       fix=f"rename the file to {suite.name}.yaml or set name: {path.stem}")
+    return suite, path
+
+
+def default_suites() -> list[str]:
+    return [name for name in suite_files() if find_suite(name)[0].default]
+
+
+def settings(suite: SuiteSpec) -> list[tuple[str, list[str], list[str]]]:
+    """(setting name, seen tasks, unseen tasks): all tasks, then each generalization split."""
+    return [("all", suite.task_names, [])] + [(g.name, list(g.seen), list(g.unseen)) for g in suite.generalization]
+
+
+def suite_spec_hash(suite: SuiteSpec) -> str:
+    return content_hash(suite.model_dump(mode="json"))
+
+
+def zoo_id(suite: SuiteSpec) -> str | None:
+    if suite.family.zoo is None:
+        return None
+    from harness.zoo import resolved_recipe, zoo_key
+    return zoo_key(suite.family.zoo.builder, resolved_recipe(suite.family.zoo.builder, suite.family.zoo.recipe))
+
+
+# ----------------------------------------------------------------------------- jobs
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work. Plain data, so it can travel to a Ray worker or a Slurm job."""
+    key: str
+    kind: str                 # 'reference' | 'submission'
+    suite: str
+    setting: str
+    label: str                # reference label or submission name
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...]
+    submission: dict | None = None   # SubmissionSpec as JSON-able dict
+    reference: str | None = None     # 'pretrained' | 'stl' | 'mtl'
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_jobs(suite: SuiteSpec) -> list[Job]:
+    base = {"suite": suite_spec_hash(suite), "zoo": zoo_id(suite), "code": harness_code_hash()}
+    return [Job(key=content_hash({"reference": REFERENCE_LABELS[ref], **base}), kind="reference",
+                suite=suite.name, setting="all", label=REFERENCE_LABELS[ref], seen=tuple(suite.task_names),
+                unseen=(), reference=ref)
+            for ref in suite.references.computed]
+
+
+def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> list[Job]:
+    code = method_code_hash(sub.method)
+    if code is None:
+        from harness import registry
+        registry.get(sub.method, file=file)  # raises the clear unknown-method error
+    base = {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
+            "method_code": code, "suite": suite_spec_hash(suite), "zoo": zoo_id(suite),
+            "harness": harness_code_hash()}
+    return [Job(key=content_hash({**base, "setting": name}), kind="submission", suite=suite.name, setting=name,
+                label=sub.name, seen=tuple(seen), unseen=tuple(unseen), submission=sub.model_dump(mode="json"))
+            for name, seen, unseen in settings(suite)]
+
+
+def plan(sub: SubmissionSpec | None, suites: list[SuiteSpec], done_keys: set[str], *, force: bool = False,
+         file: str | None = None) -> tuple[list[Job], list[Job]]:
+    """(jobs to run, jobs already stored). References are never forced: they depend on no submission."""
+    todo, cached = [], []
+    for suite in suites:
+        for job in reference_jobs(suite):
+            (cached if job.key in done_keys else todo).append(job)
+        if sub is not None:
+            for job in submission_jobs(sub, suite, file):
+                (cached if job.key in done_keys and not force else todo).append(job)
+    return todo, cached
