@@ -22,8 +22,10 @@ from harness.paths import REPO_ROOT, suites_dir
 from harness.spec import SubmissionSpec, SuiteSpec, load_suite
 
 REFERENCE_LABELS = {"pretrained": "pretrained", "stl": "STL", "mtl": "MTL"}
-# Harness sources whose bytes shape results; a change to any of them re-keys every run.
-RESULT_SHAPING = ("evaluate.py", "tensors.py", "api.py", "corruptions.py", "registry.py", "families", "zoo")
+# Harness modules that only present, store or schedule results; every other harness source
+# shapes results, so a change to it re-keys every run.
+PRESENTATION_ONLY = {"cli.py", "site.py", "leaderboard.py", "store.py", "ci.py", "executors.py", "validate.py",
+                     "suites.py", "planner.py", "errors.py", "paths.py", "locks.py", "provenance.py"}
 
 
 def content_hash(obj) -> str:
@@ -34,9 +36,9 @@ def content_hash(obj) -> str:
 def harness_code_hash() -> str:
     h = hashlib.sha256(__version__.encode())
     here = Path(__file__).parent
-    for sub in RESULT_SHAPING:
-        p = here / sub
-        for f in sorted(p.rglob("*.py") if p.is_dir() else [p]):
+    for f in sorted(here.rglob("*.py")):
+        if f.name not in PRESENTATION_ONLY or f.parent != here:
+            h.update(str(f.relative_to(here)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -55,8 +57,25 @@ def method_files() -> dict[str, Path]:
 
 
 def method_code_hash(name: str) -> str | None:
+    """Hash of the method's file and of every methods/ module it imports (shared helpers)."""
     path = method_files().get(name)
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path else None
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    for f in _method_sources(path, set()):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _method_sources(path: Path, seen: set[Path]) -> list[Path]:
+    if path in seen or not path.is_file():
+        return []
+    seen.add(path)
+    out = [path]
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("methods."):
+            out += _method_sources(REPO_ROOT / "methods" / (node.module.split(".", 1)[1] + ".py"), seen)
+    return sorted(out)
 
 
 # ----------------------------------------------------------------------------- suites

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ class ClipVisionFamily:
         inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
         labels = torch.as_tensor(ds["label"], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may fill the cache at once
         save_file({"inputs": inputs, "labels": labels}, str(tmp))
         tmp.rename(path)
         return inputs, labels
