@@ -1,4 +1,10 @@
-"""Each new method's submission runs end to end on the shrunken tiny-vision suite."""
+"""Representative methods-b submissions run end to end on the shrunken tiny-vision suite.
+
+One per kind (seeded merge, SVD merge, larger zero-shot model, test-time training), to keep
+CI short; every submission in SUBMISSIONS passed this test once (set FBH_ALL_METHODS_B=1).
+"""
+
+import os
 
 import json
 
@@ -17,7 +23,10 @@ SUBMISSIONS = ["dare", "dare_ties", "breadcrumbs", "magmax", "model_stock", "sle
                "model_recombination", "we_moe"]
 
 
-@pytest.mark.parametrize("stem", SUBMISSIONS)
+REPRESENTATIVE = ["dare", "iso_cts", "smile_upscaling", "we_moe"]
+
+
+@pytest.mark.parametrize("stem", SUBMISSIONS if os.environ.get("FBH_ALL_METHODS_B") else REPRESENTATIVE)
 def test_submission_runs_on_the_small_suite(fbh_env, tmp_path, stem):
     spec = yaml.safe_load((REPO / "submissions" / f"{stem}.yaml").read_text())
     if stem == "we_moe":
