@@ -4,9 +4,8 @@ One per kind (seeded merge, SVD merge, larger zero-shot model, test-time trainin
 CI short; every submission in SUBMISSIONS passed this test once (set FBH_ALL_METHODS_B=1).
 """
 
-import os
-
 import json
+import os
 
 import pytest
 import yaml
