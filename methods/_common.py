@@ -1,0 +1,53 @@
+"""Pieces shared by several merging methods (files starting with '_' are not methods).
+
+Every function works on task vectors (float32 state dicts from harness.tensors.task_vector)
+and returns a merged task vector; methods add it to the base with harness.tensors.apply_delta.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from harness.tensors import StateDict
+
+
+def random_drop(tv: StateDict, rate: float, rescale: bool, generator: torch.Generator) -> StateDict:
+    """DARE: zero each entry with probability `rate`, rescale the survivors by 1/(1-rate).
+
+    Masks are drawn entry by entry in the state dict's order from one generator, so the
+    same seed gives the same masks (and the same draws as FusionBench's global-RNG code).
+    """
+    out = {}
+    for k, v in tv.items():
+        keep = torch.rand(v.shape, generator=generator, dtype=v.dtype) > rate
+        dropped = v * keep
+        out[k] = dropped / (1 - rate) if rescale and rate < 1 else dropped
+    return out
+
+
+def is_matrix(key: str, tensor: Tensor, exclude: Sequence[str] = ()) -> bool:
+    """Entries that SVD-based merges treat as matrices (FusionBench: every 2-D entry)."""
+    return tensor.dim() == 2 and key not in exclude
+
+
+def merge_matrices(task_vectors: Sequence[StateDict], matrix_fn: Callable[[list[Tensor]], Tensor],
+                   exclude: Sequence[str] = ()) -> StateDict:
+    """matrix_fn(list of per-task matrices) for 2-D entries; the mean task vector elsewhere."""
+    out = {}
+    for k, first in task_vectors[0].items():
+        per_task = [tv[k] for tv in task_vectors]
+        out[k] = matrix_fn(per_task) if is_matrix(k, first, exclude) else torch.stack(per_task).mean(0)
+    return out
+
+
+def orthogonalize(m: Tensor) -> Tensor:
+    """The nearest matrix with orthonormal columns (rows, if wide): U V^T of its SVD (polar factor)."""
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+def sum_task_vectors(task_vectors: Sequence[StateDict]) -> StateDict:
+    return {k: torch.stack([tv[k] for tv in task_vectors]).sum(0) for k in task_vectors[0]}
