@@ -322,7 +322,7 @@ def build(store: Store, out: Path | str) -> BuildReport:
     leaves the previous site intact; `out` must be empty, absent, or a site built before."""
     started = time.perf_counter()
     out = Path(out).resolve()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / MARKER).exists()):
         raise FbhError("the output directory exists and is not an fbh site", file=str(out), field="--out",
                        fix="pass an empty or new directory (a rebuild replaces everything in it)")
     out.parent.mkdir(parents=True, exist_ok=True)

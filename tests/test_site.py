@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import REPO, SMALL_TASKS
 from harness.cli import main
+from harness.errors import FbhError
 from harness.leaderboard import table
 from harness.site import Table, Cell, Column, pareto_front, preview_server, slug
 from harness.store import Store
@@ -46,16 +47,34 @@ def test_slug_and_csv_keep_user_text_inert():
     assert list(csv.reader(io.StringIO(t.csv_text()))) == [["label", "score"], ["'=cmd()", "-1.0"]]
 
 
+def test_builds_a_suite_without_runs_and_lists_failed_runs_as_text(tmp_path):
+    from conftest import small_suite_spec
+    from harness.site import build
+    from harness.store import Run
+    store = Store(tmp_path / "db.duckdb")
+    store.upsert_suite(small_suite_spec(), "h")
+    store.write_run(Run(run_key="k", kind="submission", label="broken", suite="tiny-small", status="failed",
+                        error="ValueError: <script>alert(1)</script>"), [])
+    report = build(store, tmp_path / "out")
+    assert (report.suites, report.pages) == (1, 2)
+    suite = (tmp_path / "out" / "suites" / "tiny-small" / "index.html").read_text()
+    assert "Failed runs" in suite and "&lt;script&gt;alert(1)&lt;/script&gt;" in suite and "<script>alert" not in suite
+    assert read_csv(tmp_path / "out" / "suites" / "tiny-small" / "leaderboard.csv") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FbhError):
+        build(store, tmp_path / "file")
+
+
 # ----------------------------------------------------------------------------- a real site
 
 @pytest.fixture(scope="module")
 def built(fbh_env, tmp_path_factory):
-    """A database filled by real runs (task arithmetic, an ensemble, a hostile submission) and its site."""
+    """A database filled by real runs (task arithmetic, an ensemble, a hostile grid search) and its site."""
     work = tmp_path_factory.mktemp("site")
     db = work / "site.duckdb"
     hostile = work / "hostile.yaml"
     hostile.write_text(
-        "name: hostile-average\nmethod: simple_average\n"
+        "name: hostile-average\nmethod: task_arithmetic\ngrid: {scaling_factor: [0.3, 1.0]}\n"
         f"description: '{HOSTILE}'\nauthors: '<b>Mallory</b>'\nurl: 'https://example.org/?q=\"><script>'\n")
     for sub in (REPO / "submissions" / "task_arithmetic.yaml", REPO / "submissions" / "simple_ensemble.yaml", hostile):
         res = fbh("submit", sub, "--db", db, "--quiet")
@@ -245,5 +264,8 @@ def test_every_link_resolves_and_hostile_text_stays_text(built, page):
     link = page.locator(".about a")
     assert link.get_attribute("href") == 'https://example.org/?q="><script>'
     assert set(link.get_attribute("rel").split()) >= {"noopener", "nofollow"}
+    assert page.locator("#grid tbody tr").count() == 2 and page.locator("#grid tr.chosen").count() == 1
+    chosen = page.locator("#params tbody td").nth(1).text_content()
+    assert f"scaling_factor={chosen}" in page.locator("#grid tr.chosen").text_content()
     assert page.locator("#results tbody tr").count() == len(SMALL_TASKS)
     assert page.locator("#results tbody tr").first.locator("td").nth(2).text_content().startswith("[")
