@@ -264,6 +264,11 @@ def test_every_link_resolves_and_hostile_text_stays_text(built, page):
     link = page.locator(".about a")
     assert link.get_attribute("href") == 'https://example.org/?q="><script>'
     assert set(link.get_attribute("rel").split()) >= {"noopener", "nofollow"}
+    # Second line of defence: even markup that got into the page could not run a handler.
+    page.evaluate("document.body.insertAdjacentHTML('beforeend', '<img src=\"missing.png\" onerror=\"window.__csp=1\">')")
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__csp") is None
+    assert any("Content Security Policy" in e for e in page.errors)
     assert page.locator("#grid tbody tr").count() == 2 and page.locator("#grid tr.chosen").count() == 1
     chosen = page.locator("#params tbody td").nth(1).text_content()
     assert f"scaling_factor={chosen}" in page.locator("#grid tr.chosen").text_content()
