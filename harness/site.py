@@ -33,7 +33,6 @@ SITE_SOURCES = REPO_ROOT / "site"
 MARKER = ".fbh-site"  # marks a directory this module built, so a rebuild may replace it
 TOP_ON_INDEX = 3
 RADAR_SUBMISSIONS = 5
-KIND_TITLES = {"reference": "reference", "published": "published", "submission": "submission"}
 
 
 # ----------------------------------------------------------------------------- tables
@@ -203,7 +202,7 @@ def leaderboard_table(s: SuitePages) -> Table:
 
     def row(e: Entry) -> list[Cell]:
         about = s.submissions.get(e.label, {}).get("description") if e.kind == "submission" else e.source
-        return [text(KIND_TITLES.get(e.kind, e.kind)), text(e.label, s.page(e), about),
+        return [text(e.kind), text(e.label, s.page(e), about),
                 *[score(e.scores.get(t)) for t in s.tasks], score(e.average), score(e.normalized),
                 text(e.data_access), text(e.output_kind), seconds(e.fusion_seconds),
                 mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
@@ -218,7 +217,7 @@ def robustness_table(s: SuitePages) -> Table:
 
     def row(e: Entry) -> list[Cell]:
         by = e.extra.get("conditions", {})
-        return [text(KIND_TITLES.get(e.kind, e.kind)), text(e.label, s.page(e)), score(e.average),
+        return [text(e.kind), text(e.label, s.page(e)), score(e.average),
                 *[score(by.get(c)) for c in s.conditions], score(e.extra.get("corrupted_mean"))]
 
     return Table("robustness", "robustness.csv", columns, grouped(s.entries, row))
@@ -230,7 +229,7 @@ def generalization_table(s: SuitePages, split: dict) -> Table:
                Column("seen avg", True), *[Column(t, True, "unseen task") for t in unseen], Column("unseen avg", True)]
 
     def row(e: Entry) -> list[Cell]:
-        return [text(KIND_TITLES.get(e.kind, e.kind)), text(e.label, s.page(e)),
+        return [text(e.kind), text(e.label, s.page(e)),
                 *[score(e.scores.get(t)) for t in seen], score(e.extra["seen"]),
                 *[score(e.scores.get(t)) for t in unseen], score(e.extra["unseen"])]
 
