@@ -166,5 +166,38 @@ def zoo_build(suite, force):
     click.echo(str(out))
 
 
+@main.group()
+def site():
+    """Build and preview the static leaderboard site."""
+
+
+@site.command("build")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("_site"), show_default=True,
+              help="directory to write the site into (replaced if it holds an earlier build)")
+def site_build(db, out):
+    """Render every suite's leaderboard, robustness and generalization tables, plots and
+    per-submission pages from the results database into a static site that works offline."""
+    from harness.paths import default_db
+    from harness.site import build
+    from harness.store import Store
+    path = db or default_db()
+    if not Path(path).exists():
+        raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
+    report = build(Store(path), out)
+    click.echo(f"{report.pages} pages for {report.suites} suite(s) in {report.seconds:.1f} s: "
+               f"{report.out / 'index.html'}")
+
+
+@site.command("serve")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=Path("_site"), show_default=True, help="a directory written by `fbh site build`")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+def site_serve(directory, port):
+    """Preview the site at http://127.0.0.1:PORT/ (local only; Ctrl-C stops)."""
+    from harness.site import serve
+    serve(directory, port, announce=click.echo)
+
+
 if __name__ == "__main__":
     main()

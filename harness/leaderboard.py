@@ -98,3 +98,32 @@ def render(tasks: list[str], entries: list[Entry], fmt: str) -> str:
 
 def _fmt(v):
     return "" if v is None else f"{v:.1f}"
+
+
+def robustness(store: Store, suite: str, conditions: list[str]) -> tuple[list[str], list[Entry]]:
+    """The clean table's entries, each with extra['conditions'] = {condition: mean over the same tasks}
+    under every corruption, and extra['corrupted_mean'] (FusionBench's robustness table, summarized)."""
+    tasks, entries = table(store, suite)
+    rows = store.query("SELECT run_id, condition, task, value FROM results WHERE condition IN "
+                       "(SELECT unnest(?::VARCHAR[])) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
+                       [conditions, [e.run_id for e in entries]]) if conditions and entries else []
+    scores: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        scores.setdefault((r["run_id"], r["condition"]), {})[r["task"]] = r["value"]
+    for e in entries:
+        by = {c: scores.get((e.run_id, c), {}) for c in conditions}
+        e.extra["conditions"] = {c: _mean([by[c].get(t) for t in e.scores]) if by[c] else None
+                                 for c in conditions}
+        e.extra["corrupted_mean"] = _mean(list(e.extra["conditions"].values()))
+    return tasks, entries
+
+
+def generalization(store: Store, suite: str, split: str, seen: list[str],
+                   unseen: list[str]) -> tuple[list[str], list[Entry]]:
+    """Entries of one generalization split (fused from the seen experts), each with extra['seen'] and
+    extra['unseen'] = mean score over those tasks; references come from the 'all' setting."""
+    tasks, entries = table(store, suite, setting=split)
+    for e in entries:
+        e.extra["seen"] = _mean([e.scores.get(t) for t in seen])
+        e.extra["unseen"] = _mean([e.scores.get(t) for t in unseen])
+    return tasks, entries

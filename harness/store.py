@@ -148,6 +148,7 @@ class Store:
     def __init__(self, path: Path | str, *, lock_timeout: float = 600.0):
         self.path = Path(path)
         self.lock_timeout = lock_timeout
+        self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             con.execute(SCHEMA)
@@ -232,8 +233,19 @@ class Store:
                                "(SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
         return {r[0] for r in rows}
 
-    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    @contextlib.contextmanager
+    def reading(self) -> Iterator["Store"]:
+        """Serve every query() inside from one read-only connection: opening the file costs
+        tens of ms, and a site build makes hundreds of queries."""
         with self.connect(read_only=True) as con:
+            self._held = con
+            try:
+                yield self
+            finally:
+                self._held = None
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+        with contextlib.nullcontext(self._held) if self._held is not None else self.connect(read_only=True) as con:
             cur = con.execute(sql, params or [])
             cols = [d[0] for d in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]

@@ -1,0 +1,396 @@
+"""The static leaderboard site: DuckDB -> HTML pages (Jinja2), CSV downloads and plot data.
+
+Every link is relative and every asset is vendored under assets/, so the site works offline
+from file://. Pages carry a Content-Security-Policy that only runs scripts shipped in assets/,
+and Jinja2 autoescapes every value, so user text (names, descriptions, URLs) stays text.
+Plots are drawn in the browser by the vendored Chart.js from JSON embedded in each page:
+matplotlib took 0.1-0.3 s a figure here, too slow for a chart per submission page.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+
+from harness import __version__
+from harness.errors import FbhError
+from harness.leaderboard import Entry, generalization, robustness
+from harness.paths import REPO_ROOT
+from harness.store import Store
+
+SITE_SOURCES = REPO_ROOT / "site"
+MARKER = ".fbh-site"  # marks a directory this module built, so a rebuild may replace it
+TOP_ON_INDEX = 3
+RADAR_SUBMISSIONS = 5
+
+
+# ----------------------------------------------------------------------------- tables
+
+@dataclass
+class Column:
+    title: str
+    numeric: bool = False
+    hint: str = ""
+
+
+@dataclass
+class Cell:
+    text: str
+    value: Any = None           # what the browser sorts by and the CSV holds; None sorts last
+    href: str | None = None
+    hint: str | None = None
+
+
+@dataclass
+class Table:
+    """One sortable HTML table and the CSV file with the same rows. Groups (references, then
+    submissions) are sorted separately in the browser, so references stay on top."""
+    id: str
+    csv_name: str
+    columns: list[Column]
+    groups: list[tuple[str, list[list[Cell]]]]
+
+    @property
+    def rows(self) -> list[list[Cell]]:
+        return [row for _, rows in self.groups for row in rows]
+
+    def csv_text(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow([c.title for c in self.columns])
+        writer.writerows([[_csv_value(cell.value if cell.value is not None else "") for cell in row]
+                          for row in self.rows])
+        return buf.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    # A spreadsheet runs a text cell starting with = + - @ as a formula; user text must not.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def score(v: float | None) -> Cell:
+    return Cell("" if v is None else f"{v:.1f}", None if v is None else round(v, 4))
+
+
+def seconds(v: float | None) -> Cell:
+    return Cell("" if v is None else f"{v:.2f}", None if v is None else round(v, 4))
+
+
+def mebibytes(v: int | None) -> Cell:
+    return Cell("" if v is None else f"{v / 2 ** 20:,.0f}", v)
+
+
+def count(v: int | None) -> Cell:
+    if v is None:
+        return Cell("")
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if v >= div:
+            return Cell(f"{v / div:.2f}{unit}", v)
+    return Cell(str(v), v)
+
+
+def text(v: Any, href: str | None = None, hint: str | None = None) -> Cell:
+    return Cell("" if v is None else str(v), None if v is None else str(v), href, hint)
+
+
+def grouped(entries: list[Entry], row) -> list[tuple[str, list[list[Cell]]]]:
+    refs = [row(e) for e in entries if e.kind != "submission"]
+    subs = [row(e) for e in entries if e.kind == "submission"]
+    return [(name, rows) for name, rows in (("references", refs), ("submissions", subs)) if rows]
+
+
+# ----------------------------------------------------------------------------- site model
+
+def slug(value: str) -> str:
+    return re.sub(r"[^a-z0-9._-]+", "-", value.lower()).strip("-.") or "x"
+
+
+@dataclass
+class SuitePages:
+    """What one suite's pages need, gathered with a fixed number of queries."""
+    name: str
+    title: str
+    description: str
+    spec: dict
+    tasks: list[str]
+    entries: list[Entry]
+    conditions: list[str]
+    splits: list[dict]
+    split_entries: dict[str, list[Entry]]
+    runs: dict[str, dict]
+    results: dict[str, list[dict]]
+    submissions: dict[str, dict]
+    failed: list[dict]
+    updated: datetime | None
+    pages: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, label) -> path in the suite dir
+
+    @property
+    def dir(self) -> str:
+        return f"suites/{slug(self.name)}"
+
+    def page(self, e: Entry) -> str | None:
+        return self.pages.get((e.kind, e.label))
+
+    @property
+    def submission_entries(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == "submission"]
+
+
+def _rows_by(store: Store, sql: str, ids: list[str], key: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    if ids:
+        for r in store.query(sql, [ids]):
+            out.setdefault(r[key], []).append(r)
+    return out
+
+
+def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePages:
+    spec = json.loads(row["spec"])
+    conditions = [c for c in dict.fromkeys(c["name"] for c in spec.get("corruptions") or [])]
+    tasks, entries = robustness(store, row["name"], conditions)
+    splits = spec.get("generalization") or []
+    split_entries = {g["name"]: generalization(store, row["name"], g["name"], g["seen"], g["unseen"])[1]
+                     for g in splits}
+    run_ids = [e.run_id for e in entries] + [e.run_id for es in split_entries.values() for e in es]
+    runs = {r["run_id"]: r for rs in _rows_by(store, "SELECT * FROM runs WHERE run_id IN "
+                                              "(SELECT unnest(?::VARCHAR[]))", run_ids, "run_id").values()
+            for r in rs}
+    results = _rows_by(store, "SELECT * FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
+                              "ORDER BY condition, task", run_ids, "run_id")
+    failed = store.query("SELECT label, setting, method, error, finished_at FROM runs WHERE suite = ? AND "
+                         "status = 'failed' AND run_key NOT IN (SELECT run_key FROM runs WHERE status = 'ok') "
+                         "ORDER BY finished_at DESC", [row["name"]])
+    updated = store.query("SELECT max(finished_at) AS t FROM runs WHERE suite = ?", [row["name"]])[0]["t"]
+    suite = SuitePages(name=row["name"], title=row["title"] or row["name"], description=row["description"] or "",
+                       spec=spec, tasks=tasks, entries=entries, conditions=conditions, splits=splits,
+                       split_entries=split_entries, runs=runs, results=results, submissions=submissions,
+                       failed=failed, updated=updated or row["updated_at"])
+    taken: set[str] = set()
+    for e in entries:
+        folder = "submissions" if e.kind == "submission" else "references"
+        name = slug(e.label)
+        while f"{folder}/{name}" in taken:
+            name += "-"
+        taken.add(f"{folder}/{name}")
+        suite.pages[(e.kind, e.label)] = f"{folder}/{name}.html"
+    return suite
+
+
+# ----------------------------------------------------------------------------- tables of a suite
+
+def leaderboard_table(s: SuitePages) -> Table:
+    columns = [Column("kind"), Column("method"), *[Column(t, True, "accuracy (%)") for t in s.tasks],
+               Column("average", True, "mean over tasks"),
+               Column("normalized", True, "mean of score / STL score x 100 (FusionBench)"),
+               Column("data access"), Column("output"),
+               Column("fusion s", True, "wall time of the fusion (and grid search)"),
+               Column("peak MiB", True, "peak memory while fusing"),
+               Column("params", True, "parameters at inference")]
+
+    def row(e: Entry) -> list[Cell]:
+        about = s.submissions.get(e.label, {}).get("description") if e.kind == "submission" else e.source
+        return [text(e.kind), text(e.label, s.page(e), about),
+                *[score(e.scores.get(t)) for t in s.tasks], score(e.average), score(e.normalized),
+                text(e.data_access), text(e.output_kind), seconds(e.fusion_seconds),
+                mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
+
+    return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))
+
+
+def robustness_table(s: SuitePages) -> Table:
+    columns = [Column("kind"), Column("method"), Column("clean", True, "mean over tasks, clean test sets"),
+               *[Column(c, True, f"mean over tasks under {c}") for c in s.conditions],
+               Column("corrupted mean", True, "mean over corruptions")]
+
+    def row(e: Entry) -> list[Cell]:
+        by = e.extra.get("conditions", {})
+        return [text(e.kind), text(e.label, s.page(e)), score(e.average),
+                *[score(by.get(c)) for c in s.conditions], score(e.extra.get("corrupted_mean"))]
+
+    return Table("robustness", "robustness.csv", columns, grouped(s.entries, row))
+
+
+def generalization_table(s: SuitePages, split: dict) -> Table:
+    seen, unseen = split["seen"], split["unseen"]
+    columns = [Column("kind"), Column("method"), *[Column(t, True, "seen task") for t in seen],
+               Column("seen avg", True), *[Column(t, True, "unseen task") for t in unseen], Column("unseen avg", True)]
+
+    def row(e: Entry) -> list[Cell]:
+        return [text(e.kind), text(e.label, s.page(e)),
+                *[score(e.scores.get(t)) for t in seen], score(e.extra["seen"]),
+                *[score(e.scores.get(t)) for t in unseen], score(e.extra["unseen"])]
+
+    return Table(f"generalization-{slug(split['name'])}", f"generalization-{slug(split['name'])}.csv", columns,
+                 grouped(s.split_entries[split["name"]], row))
+
+
+# ----------------------------------------------------------------------------- plot data
+
+def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (lower cost x, higher score y), by cost."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def pareto_chart(s: SuitePages) -> dict:
+    points = [{"x": e.fusion_seconds, "y": round(e.average, 3), "label": e.label}
+              for e in s.submission_entries if e.fusion_seconds is not None and e.average is not None]
+    front = pareto_front((p["x"], p["y"]) for p in points)
+    references = [{"label": e.label, "y": round(e.average, 3)} for e in s.entries
+                  if e.kind != "submission" and e.average is not None]
+    return {"type": "pareto", "points": points, "front": [{"x": x, "y": y} for x, y in front],
+            "references": references, "xTitle": "fusion time (s, log scale)", "yTitle": "average accuracy (%)"}
+
+
+def radar_chart(s: SuitePages) -> dict:
+    shown = [e for e in s.entries if e.kind == "reference"] + s.submission_entries[:RADAR_SUBMISSIONS]
+    return {"type": "radar", "labels": s.tasks,
+            "series": [{"label": e.label, "values": [e.scores.get(t) for t in s.tasks]} for e in shown]}
+
+
+def task_bars_chart(s: SuitePages, e: Entry) -> dict:
+    shown = [e] + [r for r in s.entries if r.kind == "reference" and r.run_id != e.run_id]
+    return {"type": "bars", "labels": s.tasks, "yTitle": "accuracy (%)",
+            "series": [{"label": r.label, "values": [r.scores.get(t) for t in s.tasks]} for r in shown]}
+
+
+# ----------------------------------------------------------------------------- entry pages
+
+def entry_page(s: SuitePages, e: Entry) -> dict:
+    run = s.runs[e.run_id]
+    rows = s.results.get(e.run_id, [])
+    clean = [r for r in rows if r["condition"] == "clean"]
+    by_task_condition = {(r["task"], r["condition"]): r["value"] for r in rows}
+    conditions = [c for c in s.conditions if any(r["condition"] == c for r in rows)]
+    params = json.loads(run["params"]) if run.get("params") else {}
+    grid = json.loads(run["grid"]) if run.get("grid") else []
+    settings = []
+    for split in s.splits:
+        other = next((x for x in s.split_entries[split["name"]] if x.label == e.label and x.kind == e.kind
+                      and x.run_id != e.run_id), None)
+        if other is not None:
+            settings.append({"split": split, "run": s.runs[other.run_id],
+                             "params": json.loads(s.runs[other.run_id]["params"] or "{}"),
+                             "results": [r for r in s.results.get(other.run_id, []) if r["condition"] == "clean"],
+                             "seen": other.extra["seen"], "unseen": other.extra["unseen"]})
+    return {"entry": e, "run": run, "submission": s.submissions.get(e.label) if e.kind == "submission" else None,
+            "clean": clean, "conditions": conditions, "robust": by_task_condition, "params": params, "grid": grid,
+            "packages": json.loads(run["packages"]) if run.get("packages") else {}, "settings": settings,
+            "task_chart": task_bars_chart(s, e)}
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(SITE_SOURCES / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["score"] = lambda v: "" if v is None else f"{v:.1f}"
+    env.filters["when"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M} UTC"
+    env.filters["mib"] = lambda v: "" if v is None else f"{v / 2 ** 20:,.0f} MiB"
+    env.filters["count"] = lambda v: count(v).text
+    return env
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    suites: int
+    pages: int
+    seconds: float
+
+
+def build(store: Store, out: Path | str) -> BuildReport:
+    """Render the whole site into `out`. It is built beside `out` and swapped in, so a failed build
+    leaves the previous site intact; `out` must be empty, absent, or a site built before."""
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / MARKER).exists()):
+        raise FbhError("the output directory exists and is not an fbh site", file=str(out), field="--out",
+                       fix="pass an empty or new directory (a rebuild replaces everything in it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        with store.reading():
+            n_pages, n_suites = _render(store, staging)
+        (staging / MARKER).write_text("built by `fbh site build`; a rebuild replaces this directory\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return BuildReport(out, n_suites, n_pages, time.perf_counter() - started)
+
+
+def _render(store: Store, out: Path) -> tuple[int, int]:
+    env = environment()
+    built_at = datetime.now(timezone.utc).replace(tzinfo=None)
+    shutil.copytree(SITE_SOURCES / "assets", out / "assets")
+    submissions = {r["name"]: r for r in store.query("SELECT name, method, description, authors, url, updated_at "
+                                                     "FROM submissions")}
+    suites = [load_suite(store, row, submissions)
+              for row in store.query("SELECT * FROM suites ORDER BY name")]
+    common = {"built_at": built_at, "version": __version__}
+    pages = 0
+
+    def write(path: str, template: str, **values) -> None:
+        nonlocal pages
+        depth = path.count("/")
+        target = out / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(env.get_template(template).render(root="../" * depth, **common, **values))
+        pages += 1
+
+    write("index.html", "index.html", suites=suites, top=TOP_ON_INDEX)
+    for s in suites:
+        tables = {"leaderboard": leaderboard_table(s),
+                  "robustness": robustness_table(s) if s.conditions else None,
+                  "generalization": [(g, generalization_table(s, g)) for g in s.splits]}
+        for t in [tables["leaderboard"], tables["robustness"], *[t for _, t in tables["generalization"]]]:
+            if t is not None:
+                (out / s.dir).mkdir(parents=True, exist_ok=True)
+                (out / s.dir / t.csv_name).write_text(t.csv_text(), newline="")
+        write(f"{s.dir}/index.html", "suite.html", suite=s, tables=tables,
+              charts={"pareto": pareto_chart(s), "radar": radar_chart(s)})
+        for e in s.entries:
+            write(f"{s.dir}/{s.page(e)}", "entry.html", suite=s, **entry_page(s, e))
+    return pages, len(suites)
+
+
+def preview_server(directory: Path | str, port: int = 8000):
+    """An HTTP server for `directory` bound to 127.0.0.1 only: a preview, never a public server."""
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+def serve(directory: Path | str, port: int = 8000, announce=print) -> None:
+    with preview_server(directory, port) as server:
+        announce(f"serving {directory} at http://127.0.0.1:{server.server_address[1]}/ (Ctrl-C stops)")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass

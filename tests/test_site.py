@@ -1,0 +1,276 @@
+"""`fbh site build` from a database filled by real runs on the shrunken tiny-vision suite, checked
+as files and in headless Chromium (Debian's; Playwright drives it but never downloads a browser)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import urllib.request
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, SMALL_TASKS
+from harness.cli import main
+from harness.errors import FbhError
+from harness.leaderboard import table
+from harness.site import Table, Cell, Column, pareto_front, preview_server, slug
+from harness.store import Store
+
+HOSTILE = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
+CHROMIUM = os.environ.get("FBH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def fbh(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(1.0, 50.0), (2.0, 40.0), (3.0, 70.0), (3.0, 60.0), (5.0, 70.0), (0.5, 30.0)]
+    assert pareto_front(points) == [(0.5, 30.0), (1.0, 50.0), (3.0, 70.0)]
+    assert pareto_front([]) == []
+
+
+def test_slug_and_csv_keep_user_text_inert():
+    assert slug("Made-up paper row") == "made-up-paper-row"
+    assert slug("../../etc/passwd") == "etc-passwd"
+    t = Table("t", "t.csv", [Column("label"), Column("score", True)],
+              [("submissions", [[Cell("=cmd()", "=cmd()"), Cell("-1.0", -1.0)]])])
+    assert list(csv.reader(io.StringIO(t.csv_text()))) == [["label", "score"], ["'=cmd()", "-1.0"]]
+
+
+def test_builds_a_suite_without_runs_and_lists_failed_runs_as_text(tmp_path):
+    from conftest import small_suite_spec
+    from harness.site import build
+    from harness.store import Run
+    store = Store(tmp_path / "db.duckdb")
+    store.upsert_suite(small_suite_spec(), "h")
+    store.write_run(Run(run_key="k", kind="submission", label="broken", suite="tiny-small", status="failed",
+                        error="ValueError: <script>alert(1)</script>"), [])
+    report = build(store, tmp_path / "out")
+    assert (report.suites, report.pages) == (1, 2)
+    suite = (tmp_path / "out" / "suites" / "tiny-small" / "index.html").read_text()
+    assert "Failed runs" in suite and "&lt;script&gt;alert(1)&lt;/script&gt;" in suite and "<script>alert" not in suite
+    assert read_csv(tmp_path / "out" / "suites" / "tiny-small" / "leaderboard.csv") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FbhError):
+        build(store, tmp_path / "file")
+
+
+# ----------------------------------------------------------------------------- a real site
+
+@pytest.fixture(scope="module")
+def built(fbh_env, tmp_path_factory):
+    """A database filled by real runs (task arithmetic, an ensemble, a hostile grid search) and its site."""
+    work = tmp_path_factory.mktemp("site")
+    db = work / "site.duckdb"
+    hostile = work / "hostile.yaml"
+    hostile.write_text(
+        "name: hostile-average\nmethod: task_arithmetic\ngrid: {scaling_factor: [0.3, 1.0]}\n"
+        f"description: '{HOSTILE}'\nauthors: '<b>Mallory</b>'\nurl: 'https://example.org/?q=\"><script>'\n")
+    for sub in (REPO / "submissions" / "task_arithmetic.yaml", REPO / "submissions" / "simple_ensemble.yaml", hostile):
+        res = fbh("submit", sub, "--db", db, "--quiet")
+        assert res.exit_code == 0, res.output
+    out = work / "out"
+    res = fbh("site", "build", "--db", db, "--out", out)
+    assert res.exit_code == 0, res.output
+    return db, out
+
+
+def read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(path.read_text())))
+
+
+@pytest.mark.slow
+def test_site_files_match_the_leaderboard(built):
+    db, out = built
+    suite = out / "suites" / "tiny-small"
+    tasks, entries = table(Store(db), "tiny-small")
+    rows = read_csv(suite / "leaderboard.csv")
+    assert [r["method"] for r in rows] == [e.label for e in entries]
+    assert [r["method"] for r in rows][:4] == ["pretrained", "STL", "MTL", "Made-up paper row"]
+    assert {r["method"] for r in rows[4:]} == {"task-arithmetic", "simple-ensemble", "hostile-average"}
+    for r, e in zip(rows, entries):
+        for t in SMALL_TASKS:
+            assert float(r[t]) == pytest.approx(e.scores[t], abs=1e-3)
+        assert float(r["average"]) == pytest.approx(e.average, abs=1e-3)
+    ensemble = next(r for r in rows if r["method"] == "simple-ensemble")
+    assert int(ensemble["params"]) == 3 * int(rows[0]["params"])
+    assert float(ensemble["fusion s"]) > 0 and int(ensemble["peak MiB"]) > 0
+
+    robust = read_csv(suite / "robustness.csv")
+    assert list(robust[0])[2:] == ["clean", "gaussian_noise", "jpeg", "corrupted mean"]
+    assert all(r["gaussian_noise"] for r in robust if r["kind"] != "published")
+    general = read_csv(suite / "generalization-two-seen.csv")
+    assert list(general[0])[2:] == ["digits", "shapes", "seen avg", "textures", "unseen avg"]
+    assert {r["method"] for r in general} >= {"STL", "task-arithmetic", "hostile-average"}
+
+    page = (suite / "submissions" / "task-arithmetic.html").read_text()
+    assert "scaling_factor" in page and "0.3" in page and "95% CI" in page and "Provenance" in page
+    assert "torch" in page and "seed" in page
+
+    hostile = (suite / "submissions" / "hostile-average.html").read_text()
+    assert "<script>window.__pwned" not in hostile and "<img src=x" not in hostile and "<b>Mallory" not in hostile
+    assert "&lt;script&gt;window.__pwned=1&lt;/script&gt;" in hostile
+    assert 'rel="noopener nofollow noreferrer"' in hostile
+    for html in [*suite.rglob("*.html"), out / "index.html"]:
+        assert "Content-Security-Policy" in html.read_text()
+
+
+@pytest.mark.slow
+def test_rebuild_replaces_a_site_but_never_a_foreign_directory(built, tmp_path):
+    db, out = built
+    stale = out / "suites" / "stale.html"
+    stale.write_text("old")
+    assert fbh("site", "build", "--db", db, "--out", out).exit_code == 0
+    assert not stale.exists() and (out / "index.html").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    res = fbh("site", "build", "--db", db, "--out", foreign)
+    assert res.exit_code == 2 and "not an fbh site" in res.output
+    assert (foreign / "thesis.tex").read_text() == "precious"
+    assert fbh("site", "build", "--db", tmp_path / "none.duckdb", "--out", tmp_path / "x").exit_code == 2
+
+
+@pytest.mark.slow
+def test_preview_server_is_local_only(built):
+    _, out = built
+    with preview_server(out, 0) as server:
+        assert server.server_address[0] == "127.0.0.1"
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"http://127.0.0.1:{server.server_address[1]}/suites/tiny-small/leaderboard.csv"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.read().decode().startswith("kind,method,digits")
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+# ----------------------------------------------------------------------------- in the browser
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "the playwright package (pip install '.[test]')"
+    if missing is None and not Path(CHROMIUM).exists():
+        missing = f"Chromium at {CHROMIUM} (apt-get install chromium)"
+    if missing:
+        if os.environ.get("FBH_REQUIRE_BROWSER"):
+            pytest.fail(f"browser tests need {missing}")
+        pytest.skip(f"browser tests need {missing}")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    pg = context.new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("console", lambda m: pg.errors.append(m.text) if m.type == "error" else None)
+    yield pg
+    context.close()
+
+
+def column(pg, table_id: str, body: str, index: int) -> list[str]:
+    return pg.eval_on_selector_all(f"#{table_id} tbody.{body} tr",
+                                   f"rows => rows.map(r => r.cells[{index}].textContent.trim())")
+
+
+@pytest.mark.slow
+def test_suite_page_renders_sorts_and_plots(built, page):
+    _, out = built
+    page.goto((out / "suites" / "tiny-small" / "index.html").as_uri())
+    assert column(page, "leaderboard", "references", 1) == ["pretrained", "STL", "MTL", "Made-up paper row"]
+    subs = column(page, "leaderboard", "submissions", 1)
+    assert sorted(subs) == ["hostile-average", "simple-ensemble", "task-arithmetic"]
+    assert page.locator("#robustness tbody tr").count() == 7
+    assert page.locator("table[id^=generalization] tbody.submissions tr").count() == 3
+    charted = page.eval_on_selector_all("canvas[data-chart]", "cs => cs.map(c => !!Chart.getChart(c))")
+    assert charted == [True, True]
+
+    digits = 2  # columns: kind, method, then the tasks
+    header = page.locator("#leaderboard thead th").nth(digits)
+    assert header.text_content().strip() == "digits"
+    values = lambda body: [float(v) for v in column(page, "leaderboard", body, digits)]
+    header.locator("button").click()
+    assert header.get_attribute("aria-sort") == "descending"
+    assert values("submissions") == sorted(values("submissions"), reverse=True)
+    assert values("references") == sorted(values("references"), reverse=True)
+    assert page.locator("#leaderboard tbody").first.get_attribute("class") == "references"
+    header.locator("button").click()
+    assert values("submissions") == sorted(values("submissions"))
+    method = page.locator("#leaderboard thead th").nth(1)
+    method.locator("button").click()
+    assert column(page, "leaderboard", "submissions", 1) == sorted(subs)
+
+    with page.expect_download() as download:
+        page.locator("#leaderboard caption a.csv").click()
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+    assert [r["method"] for r in rows][:3] == ["pretrained", "STL", "MTL"] and len(rows) == 7
+
+    if os.environ.get("FBH_SITE_SCREENSHOT"):
+        page.reload()
+        page.screenshot(path=os.environ["FBH_SITE_SCREENSHOT"], full_page=True)
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_every_link_resolves_and_hostile_text_stays_text(built, page):
+    _, out = built
+    seen, queue = set(), [(out / "index.html").as_uri()]
+    while queue:
+        url = queue.pop()
+        if url in seen:
+            continue
+        seen.add(url)
+        page.goto(url)
+        assert page.evaluate("window.__pwned") is None, url
+        targets = page.eval_on_selector_all("a[href], link[href], script[src]",
+                                            "els => els.map(e => e.href || e.src)")
+        for target in targets:
+            parsed = urlparse(target)
+            if parsed.scheme in ("http", "https"):
+                continue  # a submission's own URL: shown, never fetched
+            assert parsed.scheme == "file", target
+            path = Path(unquote(parsed.path))
+            assert path.is_file() and out.resolve() in path.resolve().parents, f"{url} -> {target}"
+            if path.suffix == ".html":
+                queue.append(path.as_uri())
+    assert seen == {p.as_uri() for p in out.rglob("*.html")}  # every page is reachable from the index
+    assert page.errors == []
+
+    page.goto((out / "suites" / "tiny-small" / "submissions" / "hostile-average.html").as_uri())
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator(".description").text_content() == HOSTILE
+    assert page.locator("img").count() == 0
+    link = page.locator(".about a")
+    assert link.get_attribute("href") == 'https://example.org/?q="><script>'
+    assert set(link.get_attribute("rel").split()) >= {"noopener", "nofollow"}
+    # Second line of defence: even markup that got into the page could not run a handler.
+    page.evaluate("document.body.insertAdjacentHTML('beforeend', '<img src=\"missing.png\" onerror=\"window.__csp=1\">')")
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__csp") is None
+    assert any("Content Security Policy" in e for e in page.errors)
+    assert page.locator("#grid tbody tr").count() == 2 and page.locator("#grid tr.chosen").count() == 1
+    chosen = page.locator("#params tbody td").nth(1).text_content()
+    assert f"scaling_factor={chosen}" in page.locator("#grid tr.chosen").text_content()
+    assert page.locator("#results tbody tr").count() == len(SMALL_TASKS)
+    assert page.locator("#results tbody tr").first.locator("td").nth(2).text_content().startswith("[")
