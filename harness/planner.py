@@ -91,11 +91,26 @@ def find_suite(name: str) -> tuple[SuiteSpec, Path]:
     if path is None:
         raise FbhError(f"unknown suite '{name}'", field="--suite",
                        fix=f"use one of: {', '.join(files) or '(no suites found)'} (see `fbh suites list`)")
-    suite = load_suite(path)
+    suite = check_suite(load_suite(path), path)
     if suite.name != path.stem:
         raise FbhError(f"suite name '{suite.name}' does not match its file name", file=str(path), field="name",
                        fix=f"rename the file to {suite.name}.yaml or set name: {path.stem}")
     return suite, path
+
+
+def check_suite(suite: SuiteSpec, path: Path) -> SuiteSpec:
+    """Checks that need the harness's registries: the family kind and the zoo builder and recipe."""
+    from harness.families import FAMILIES
+    if suite.family.kind not in FAMILIES:
+        raise FbhError(f"unknown model family '{suite.family.kind}'", file=str(path), field="family.kind",
+                       fix=f"use one of: {', '.join(sorted(FAMILIES))}")
+    if suite.family.zoo is not None:
+        from harness.zoo import resolved_recipe
+        try:
+            resolved_recipe(suite.family.zoo.builder, suite.family.zoo.recipe)
+        except FbhError as exc:
+            raise FbhError(exc.message, file=str(path), field=exc.field, fix=exc.fix) from None
+    return suite
 
 
 def default_suites() -> list[str]:

@@ -275,22 +275,29 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     from harness.paths import default_db
     path = Path(submission_path)
     sub = load_submission(path)
+    if not suites and sub.suites:
+        unknown = [n for n in sub.suites if n not in suite_files()]
+        if unknown:
+            raise FbhError(f"unknown suites {unknown}", file=str(path), field="suites",
+                           fix=f"use names from `fbh suites list`: {', '.join(suite_files())}")
     names = suites or sub.suites or default_suites()
     if not names:
         raise FbhError("no suite to run", file=str(path), field="suites",
                        fix="pass --suite NAME or mark a suite `default: true`")
     specs = [find_suite(n) for n in names]  # every suite is validated before any work
+    suites_ = [s for s, _ in specs]
+    candidate, _ = plan(sub, suites_, set(), force=True, file=str(path))
     store = Store(db or default_db())
+    done = store.completed_keys([j.key for j in candidate])
+    todo, cached = plan(sub, suites_, done, force=force, file=str(path))
+    if todo:  # a stored run proves its params were valid; anything new is validated before any write
+        validate_submission(sub, str(path))
     store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")), str(path))
-    report = SubmitReport(sub.name)
     for spec, file in specs:
         store.upsert_suite(spec.model_dump(mode="json"), content_hash(spec.model_dump(mode="json")))
         store_published(store, spec, file)
-    candidate, _ = plan(sub, [s for s, _ in specs], set(), force=True, file=str(path))
-    done = store.completed_keys([j.key for j in candidate])
-    todo, cached = plan(sub, [s for s, _ in specs], done, force=force, file=str(path))
+    report = SubmitReport(sub.name)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in cached]
     if todo:
-        validate_submission(sub, str(path))
         report.outcomes += run_jobs(store, todo, str(pick_device(device)), progress, executor)
     return report

@@ -236,7 +236,36 @@ def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
 
 
 def load_suite(path: Path) -> SuiteSpec:
-    return parse(SuiteSpec, read_yaml(path), str(path), "suite")
+    suite = parse(SuiteSpec, read_yaml(path), str(path), "suite")
+    check_refs_stay_inside(suite, Path(path))
+    return suite
+
+
+def suite_refs(suite: SuiteSpec) -> list[tuple[str, str]]:
+    """(field, reference) for every model, head and data reference in a suite."""
+    fam = suite.family
+    refs = [("family.base", fam.base), ("family.heads", fam.heads), ("family.processor", fam.processor),
+            ("references.mtl", suite.references.mtl)]
+    refs += [(f"family.experts.{t}", r) for t, r in fam.experts.items()]
+    refs += [(f"tasks[{i}].dataset", t.dataset) for i, t in enumerate(suite.tasks)]
+    return [(f, r) for f, r in refs if r]
+
+
+def check_refs_stay_inside(suite: SuiteSpec, path: Path) -> None:
+    """Relative paths may not climb out of the repository holding the suite, nor zoo:// refs out of the zoo."""
+    root = path.resolve().parent.parent
+    for field, ref in suite_refs(suite):
+        rel = ref[len("zoo://"):] if ref.startswith("zoo://") else ref if ref.startswith(("./", "../")) else None
+        if rel is None:
+            continue
+        if ref.startswith("zoo://"):
+            escapes = Path(rel).is_absolute() or ".." in Path(rel).parts
+        else:
+            escapes = not (path.resolve().parent / rel).resolve().is_relative_to(root)
+        if escapes:
+            raise FbhError(f"'{ref}' points outside the {'zoo' if ref.startswith('zoo://') else 'repository'}",
+                           file=str(path), field=field,
+                           fix="use a path inside the repository (or an absolute path you own), without '..'")
 
 
 def load_submission(path: Path) -> SubmissionSpec:

@@ -150,9 +150,20 @@ class Store:
         self.lock_timeout = lock_timeout
         self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.connect() as con:
-            con.execute(SCHEMA)
-            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        if not self._has_schema():  # an existing database is not written to by merely opening it
+            with self.connect() as con:
+                con.execute(SCHEMA)
+                con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    def _has_schema(self) -> bool:
+        if not self.path.exists():
+            return False
+        with self.connect(read_only=True) as con:
+            try:
+                row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            except duckdb.CatalogException:
+                return False
+        return row is not None and row[0] == str(SCHEMA_VERSION)
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

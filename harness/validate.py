@@ -14,17 +14,8 @@ def validate_file(path: Path) -> str:
     data = read_yaml(path)
     is_suite = "family" in data or "tasks" in data or Path(path).parent.name == "suites"
     if is_suite:
-        spec = load_suite(path)
-        if spec.family.zoo is not None:
-            from harness.zoo import resolved_recipe
-            try:
-                resolved_recipe(spec.family.zoo.builder, spec.family.zoo.recipe)
-            except FbhError as exc:
-                raise FbhError(exc.message, file=str(path), field=exc.field, fix=exc.fix) from None
-        from harness.families import FAMILIES
-        if spec.family.kind not in FAMILIES:
-            raise FbhError(f"unknown model family '{spec.family.kind}'", file=str(path), field="family.kind",
-                           fix=f"use one of: {', '.join(sorted(FAMILIES))}")
+        from harness.planner import check_suite
+        check_suite(load_suite(path), Path(path))
         return "suite"
     sub = load_submission(path)
     validate_submission(sub, str(path))

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Protocol
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Protocol
 
 from harness.errors import FbhError
 from harness.spec import SuiteSpec
-from harness.tensors import StateDict
+
+if TYPE_CHECKING:  # the family registry is read while planning, which must not import torch
+    import torch
+    from torch import Tensor, nn
+
+    from harness.tensors import StateDict
 
 FAMILIES = {
     "clip_vision": "harness.families.clip_vision:ClipVisionFamily",
@@ -35,7 +37,7 @@ class Family(Protocol):
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor: ...
 
 
-def load_family(suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device) -> Family:
+def load_family(suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: "torch.device") -> Family:
     target = FAMILIES.get(suite.family.kind)
     if target is None:
         raise FbhError(f"unknown model family '{suite.family.kind}'", file=str(suite_file), field="family.kind",

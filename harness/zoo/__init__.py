@@ -9,8 +9,10 @@ builder code; a finished build is never redone.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,15 +28,30 @@ DONE_MARKER = "BUILD_COMPLETE.json"
 
 
 def builder_module(name: str):
-    if name not in BUILDERS:
-        raise FbhError(f"unknown zoo builder '{name}'", field="family.zoo.builder",
-                       fix=f"use one of: {', '.join(BUILDERS)}")
+    builder_file(name)  # the clear error for an unknown builder
     return importlib.import_module(BUILDERS[name])
 
 
+def builder_file(name: str) -> Path:
+    """The builder's source file, found without importing it (importing means torch)."""
+    if name not in BUILDERS:
+        raise FbhError(f"unknown zoo builder '{name}'", field="family.zoo.builder",
+                       fix=f"use one of: {', '.join(BUILDERS)}")
+    return Path(importlib.util.find_spec(BUILDERS[name]).origin)
+
+
+def default_recipe(name: str) -> dict[str, Any]:
+    """The builder's DEFAULT_RECIPE literal, read from its source so planning stays torch-free."""
+    tree = ast.parse(builder_file(name).read_bytes())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
+        if getattr(target, "id", None) == "DEFAULT_RECIPE":
+            return ast.literal_eval(node.value)
+    raise RuntimeError(f"zoo builder '{name}' defines no literal DEFAULT_RECIPE")
+
+
 def resolved_recipe(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    module = builder_module(name)
-    recipe = dict(module.DEFAULT_RECIPE)
+    recipe = default_recipe(name)
     unknown = sorted(set(overrides) - set(recipe))
     if unknown:
         raise FbhError(f"unknown recipe keys {unknown}", field="family.zoo.recipe",
@@ -44,8 +61,7 @@ def resolved_recipe(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def zoo_key(name: str, recipe: dict[str, Any]) -> str:
-    module = builder_module(name)
-    code = Path(module.__file__).read_bytes()
+    code = builder_file(name).read_bytes()
     blob = json.dumps({"builder": name, "recipe": recipe}, sort_keys=True).encode() + code
     return f"{name}-{hashlib.sha256(blob).hexdigest()[:12]}"
 

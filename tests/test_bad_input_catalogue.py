@@ -1,0 +1,169 @@
+"""A catalogue of malformed suites and submissions: each gives one clear error naming the
+file, the field and the fix; no traceback; exit code 2; the database is unchanged."""
+
+import copy
+import hashlib
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from harness.cli import main
+from conftest import small_suite_spec
+
+GOOD_SUB = {"name": "ok-sub", "method": "task_arithmetic", "params": {"scaling_factor": 0.3}}
+
+
+def sub_with(**changes):
+    spec = copy.deepcopy(GOOD_SUB)
+    for key, value in changes.items():
+        if value is KeyError:
+            spec.pop(key)
+        else:
+            spec[key] = value
+    return spec
+
+
+def suite_with(edit):
+    spec = small_suite_spec("tiny-bad")
+    edit(spec)
+    return spec
+
+
+# (case id, file content (dict or raw text or bytes), field expected in the message or None for file-level)
+SUBMISSIONS = [
+    ("yaml-syntax", "name: x\nmethod: [unclosed\n", None),
+    ("top-level-list", "- a\n- b\n", None),
+    ("empty-file", "", None),
+    ("not-utf8", b"name: \xff\xfe\n", None),
+    ("huge-file", "name: x\n" + "# padding\n" * 120_000, None),
+    ("missing-name", sub_with(name=KeyError), "name"),
+    ("missing-method", sub_with(method=KeyError), "method"),
+    ("unknown-method", sub_with(method="task_arithmatic"), "method"),
+    ("unknown-top-key", sub_with(hyperparams={"a": 1}), "hyperparams"),
+    ("name-with-spaces", sub_with(name="My Method"), "name"),
+    ("name-path-traversal", sub_with(name="../../etc/passwd"), "name"),
+    ("params-unknown-key", sub_with(params={"scale": 0.3}), "params.scale"),
+    ("params-wrong-type", sub_with(params={"scaling_factor": "0.3"}), "params.scaling_factor"),
+    ("params-out-of-range", sub_with(params={"scaling_factor": -1.0}), "params.scaling_factor"),
+    ("params-huge-value", sub_with(params={"scaling_factor": 1e300}), "params.scaling_factor"),
+    ("params-not-mapping", sub_with(params=3), "params"),
+    ("grid-empty", sub_with(params={}, grid={"scaling_factor": []}), "(top level)"),
+    ("grid-and-params", sub_with(grid={"scaling_factor": [0.1]}), "(top level)"),
+    ("grid-wrong-type", sub_with(params={}, grid={"scaling_factor": ["big"]}), "params/grid.scaling_factor"),
+    ("grid-too-many", sub_with(params={}, grid={"scaling_factor": [0.01 * i for i in range(65)]}), "(top level)"),
+    ("seed-negative", sub_with(seed=-1), "seed"),
+    ("seed-huge", sub_with(seed=2 ** 40), "seed"),
+    ("url-javascript", sub_with(url="javascript:alert(1)"), "url"),
+    ("description-too-long", sub_with(description="x" * 5000), "description"),
+    ("unknown-suite", sub_with(suites=["no-such-suite"]), "suites"),
+    ("ties-bad-enum", sub_with(method="ties_merging", params={"disjoint_merge": "median"}),
+     "params.disjoint_merge"),
+]
+
+
+def _del(path):
+    def edit(spec):
+        node = spec
+        for k in path[:-1]:
+            node = node[k]
+        del node[path[-1]]
+    return edit
+
+
+def _set(path, value):
+    def edit(spec):
+        node = spec
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = value
+    return edit
+
+
+SUITES = [
+    ("suite-missing-family", _del(["family"]), "family"),
+    ("suite-unknown-family", _set(["family", "kind"], "llama_vision"), "family.kind"),
+    ("suite-no-tasks", _set(["tasks"], []), "tasks"),
+    ("suite-duplicate-tasks", lambda s: s["tasks"].append(dict(s["tasks"][0])), "(top level)"),
+    ("suite-unknown-corruption", _set(["corruptions", 0, "name"], "fog"), "corruptions[0].name"),
+    ("suite-severity-range", _set(["corruptions", 0, "severity"], 6), "corruptions[0].severity"),
+    ("suite-generalization-unknown", _set(["generalization", 0, "unseen"], ["nope"]), "(top level)"),
+    ("suite-missing-expert", lambda s: s["family"]["experts"].pop("shapes"), "(top level)"),
+    ("suite-unknown-builder", _set(["family", "zoo", "builder"], "giant_vision"), "family.zoo.builder"),
+    ("suite-unknown-recipe-key", _set(["family", "zoo", "recipe", "epochs"], 3), "family.zoo.recipe"),
+    ("suite-path-escapes-repo", _set(["tasks", 0, "dataset"], "../../../../etc"), "tasks[0].dataset"),
+    ("suite-zoo-escapes", _set(["family", "base"], "zoo://../../elsewhere"), "family.base"),
+    ("suite-mtl-missing", _del(["references", "mtl"]), "(top level)"),
+    ("suite-batch-size-zero", _set(["eval_batch_size"], 0), "eval_batch_size"),
+    ("suite-bad-metric", _set(["tasks", 0, "metric"], "vibes"), "tasks[0].metric"),
+    ("suite-published-bad-tolerance", _set(["references", "published", 0, "tolerance"], -1),
+     "references.published[0].tolerance"),
+]
+
+
+def db_fingerprint(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def check_error(result, file_name, field):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = result.output
+    assert text.count("error:") == 1, text
+    assert file_name in text, text
+    assert "fix:" in text, text
+    if field is not None:
+        assert f"field '{field}'" in text, text
+
+
+@pytest.fixture()
+def seeded_db(fbh_env, tmp_path):
+    """A DB with a submission stored, to prove bad input never changes it."""
+    from harness.store import Run, Store
+    db = tmp_path / "keep.duckdb"
+    Store(db).write_run(Run(run_key="k", kind="submission", label="kept", suite="tiny-small"),
+                        [{"task": "digits", "task_split": "seen", "condition": "clean", "severity": None,
+                          "metric": "accuracy", "value": 12.5, "n": 8, "ci_low": 10.0, "ci_high": 15.0}])
+    return db
+
+
+@pytest.mark.parametrize("case,content,field", SUBMISSIONS, ids=[c[0] for c in SUBMISSIONS])
+def test_bad_submission(case, content, field, tmp_path, seeded_db):
+    path = tmp_path / f"{case}.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        path.write_text(yaml.safe_dump(content))
+    before = db_fingerprint(seeded_db)
+    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field)
+    check_error(CliRunner().invoke(main, ["submit", str(path), "--db", str(seeded_db)]), path.name, field)
+    assert db_fingerprint(seeded_db) == before
+
+
+@pytest.mark.parametrize("case,edit,field", SUITES, ids=[c[0] for c in SUITES])
+def test_bad_suite(case, edit, field, fbh_env, tmp_path, seeded_db, monkeypatch):
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    path = suites / "tiny-bad.yaml"
+    path.write_text(yaml.safe_dump(suite_with(edit)))
+    monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
+    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field)
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    before = db_fingerprint(seeded_db)
+    check_error(CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)]),
+                path.name, field)
+    assert db_fingerprint(seeded_db) == before
+
+
+def test_missing_files_and_unknown_suite(tmp_path, seeded_db, fbh_env):
+    res = CliRunner().invoke(main, ["submit", str(tmp_path / "nope.yaml"), "--db", str(seeded_db)])
+    check_error(res, "nope.yaml", None)
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    res = CliRunner().invoke(main, ["submit", str(sub), "--suite", "nope", "--db", str(seeded_db)])
+    assert res.exit_code == 2 and "unknown suite 'nope'" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["leaderboard", "--suite", "tiny-small", "--db", str(tmp_path / "none.db")])
+    assert res.exit_code == 2 and "fix:" in res.output
