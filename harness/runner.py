@@ -235,6 +235,7 @@ def fusion_context(handle: SuiteHandle, tasks: list[str], info: registry.MethodI
 
 def fuse(info: registry.MethodInfo, ctx: FusionContext, params) -> object:
     torch.manual_seed(ctx.seed)
+    ctx.samples_per_task = info.samples_per_task(params)  # batches() hands out no more than declared
     return info.fn(ctx, params)
 
 
@@ -260,6 +261,7 @@ def run_setting(store: Store, sub: SubmissionSpec, info: registry.MethodInfo, ha
         run.fusion_seconds = time.perf_counter() - t0
         run.peak_memory_bytes = mem.peak
         run.params, run.grid = chosen, grid_scores
+        run.data_access = info.data_used(info.validate_params(chosen)) + ("+grid:labeled_validation" if sub.grid else "")
         run.n_parameters = predictor.num_parameters()
         t0 = time.perf_counter()
         tasks = [(t, "seen") for t in seen] + [(t, "unseen") for t in unseen]
