@@ -38,6 +38,7 @@ class Ensemble:
 _ALLOWED_SPLITS: dict[str, tuple[str, bool]] = {
     # declared access -> (split it may read, whether labels are handed over)
     "labeled_train": ("train", True),
+    "unlabeled_train": ("train", False),
     "labeled_validation": ("validation", True),
     "unlabeled_test": ("test", False),
 }
@@ -58,6 +59,8 @@ class FusionContext:
     logits_fn: Callable[[nn.Module, str, Tensor], Tensor] | None = None
     data_fn: Callable[[str, str], tuple[Tensor, Tensor]] | None = None
     data_access: DataAccess = "none"
+    # Examples per task the method declared (MethodInfo.samples_per_task); None = the whole split.
+    samples_per_task: int | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _cache: dict = field(default_factory=dict, repr=False)
@@ -100,8 +103,14 @@ class FusionContext:
         return self.logits_fn(model, task, inputs.to(self.device))
 
     # -- data --------------------------------------------------------------------
-    def batches(self, task: str, split: str, batch_size: int = 128, limit: int | None = None
-                ) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def batches(self, task: str, split: str, batch_size: int = 128, limit: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Yield (inputs, labels or None) from the first `limit` examples of a declared split.
+
+        A method that declared a sample count reads at most that many examples per task (the
+        same first ones on every call); asking for more is an error. With a generator the
+        batches come in a random order of those examples.
+        """
         allowed = _ALLOWED_SPLITS.get(self.data_access)
         if allowed is None or allowed[0] != split:
             raise DataAccessError(
@@ -109,11 +118,16 @@ class FusionContext:
                 "declare the access it needs in @method(data=...)")
         if self.data_fn is None:
             raise DataAccessError("no data is available in this context")
+        declared = self.samples_per_task
+        if declared is not None and limit is not None and limit > declared:
+            raise DataAccessError(f"method asked for {limit} examples of task '{task}' but declared "
+                                  f"{declared}; raise its declared sample count instead")
         inputs, labels = self.data_fn(task, split)
-        n = len(inputs) if limit is None else min(limit, len(inputs))
+        n = min(x for x in (len(inputs), limit, declared) if x is not None)
+        order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            yield inputs[start:stop].to(self.device), (labels[start:stop].to(self.device) if allowed[1] else None)
+            idx = order[start:start + batch_size]
+            yield inputs[idx].to(self.device), (labels[idx].to(self.device) if allowed[1] else None)
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)

@@ -20,7 +20,7 @@ from harness.errors import FbhError
 
 Category = Literal["ensemble", "merging", "mixing"]
 # What the harness hands the method beyond the models themselves.
-DataAccess = Literal["none", "labeled_train", "labeled_validation", "unlabeled_test"]
+DataAccess = Literal["none", "labeled_train", "unlabeled_train", "labeled_validation", "unlabeled_test"]
 # What the method returns: a model of the base size, a larger model, or all experts kept.
 Output = Literal["merged", "larger", "ensemble"]
 
@@ -47,6 +47,19 @@ class MethodInfo:
     source_file: Path
     summary: str
     reference: str
+    # Name of the Params field that holds how many examples per task the method reads;
+    # None means the whole split (or no data at all when data == 'none').
+    samples: str | None = None
+
+    def samples_per_task(self, params: Params) -> int | None:
+        return None if self.samples is None else getattr(params, self.samples)
+
+    def data_used(self, params: Params) -> str:
+        """What the run may read, for the runs table and leaderboard: e.g. 'labeled_train:256/task'."""
+        if self.data == "none":
+            return "none"
+        n = self.samples_per_task(params)
+        return f"{self.data}:{'all' if n is None else n}/task"
 
     def validate_params(self, values: dict[str, Any], file: str = "<params>", prefix: str = "params") -> Params:
         try:
@@ -75,12 +88,19 @@ _discovered = False
 
 
 def method(name: str, *, params: type[Params] = NoParams, category: Category, data: DataAccess = "none",
-           output: Output = "merged", trains: bool = False, stochastic: bool = False):
+           output: Output = "merged", trains: bool = False, stochastic: bool = False, samples: str | None = None):
     """Register `fn(ctx: FusionContext, params) -> fused` as fusion method `name`.
 
     The fused result is a state dict of the base architecture, an nn.Module that
-    replaces the base model, or a harness.api.Ensemble.
+    replaces the base model, or a harness.api.Ensemble. `samples` names the integer
+    hyperparameter that says how many examples per task the method reads; the harness
+    hands it no more than that.
     """
+    if samples is not None:
+        if data == "none":
+            raise ValueError(f"method '{name}' declares samples='{samples}' but no data access")
+        if samples not in params.model_fields:
+            raise ValueError(f"method '{name}' declares samples='{samples}', which is not a field of {params.__name__}")
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         module = inspect.getmodule(fn)
         doc = inspect.getdoc(module) or inspect.getdoc(fn) or ""
@@ -92,7 +112,7 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, params=params, category=category, data=data, output=output,
             trains=trains, stochastic=stochastic, source_file=Path(module.__file__).resolve(),
-            summary=lines[0] if lines else name, reference=ref)
+            summary=lines[0] if lines else name, reference=ref, samples=samples)
         return fn
     return wrap
 

@@ -153,6 +153,7 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
         run.fusion_seconds = time.perf_counter() - t0
         run.peak_memory_bytes = mem.peak
         run.params, run.grid = chosen, grid_scores
+        run.data_access = info.data_used(info.validate_params(chosen)) + ("+grid:labeled_validation" if sub.grid else "")
         run.n_parameters = predictor.num_parameters()
         t0 = time.perf_counter()
         tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
@@ -206,6 +207,7 @@ def validate_submission(sub: SubmissionSpec, file: str) -> registry.MethodInfo:
 def fuse(info: registry.MethodInfo, ctx, params):
     import torch
     torch.manual_seed(ctx.seed)
+    ctx.samples_per_task = info.samples_per_task(params)  # batches() hands out no more than declared
     return info.fn(ctx, params)
 
 
