@@ -15,23 +15,23 @@ from harness.tensors import map_entries
 pytestmark = pytest.mark.slow
 
 
-@method("test_raises", category="merging")
 def _raises(ctx, params):
     raise RuntimeError("deliberate failure")
 
 
-@method("test_nan", category="merging")
 def _nan(ctx, params):
     return map_entries(ctx.base, lambda k, b: torch.full_like(b.float(), float("nan")))
 
 
-@method("test_bad_shape", category="merging")
 def _bad_shape(ctx, params):
     return {k: v.flatten()[:1].clone() for k, v in ctx.base.items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _unregister():
+@pytest.fixture()
+def broken_methods():
+    """Registered only for this test, so registry-wide method tests never see them."""
+    for name, fn in [("test_raises", _raises), ("test_nan", _nan), ("test_bad_shape", _bad_shape)]:
+        method(name, category="merging")(fn)
     yield
     for name in ("test_raises", "test_nan", "test_bad_shape"):
         registry._REGISTRY.pop(name, None)
@@ -40,7 +40,7 @@ def _unregister():
 FAILING = [("test_raises", "deliberate failure"), ("test_nan", "NaN"), ("test_bad_shape", "size mismatch")]
 
 
-def test_failure_is_recorded_and_others_finish(fbh_env, write_yaml):
+def test_failure_is_recorded_and_others_finish(fbh_env, write_yaml, broken_methods):
     db = fbh_env / "failing.duckdb"
     ok = CliRunner().invoke(main, ["submit", str(write_yaml("ok.yaml", {"name": "avg", "method": "simple_average"})),
                                    "--db", str(db)])
