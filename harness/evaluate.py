@@ -110,9 +110,16 @@ def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: in
     return float(lo), float(hi)
 
 
+def split_name(family: Family, task: str, role: str) -> str:
+    """The dataset split a task declares for a role ('test', 'validation'): GLUE tests on 'validation'."""
+    spec = family.suite.task(task)
+    return {"test": spec.split, "validation": spec.validation_split}.get(role) or role
+
+
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
                condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> ResultRow:
-    inputs, targets = family.eval_data(task, split, None if condition == "clean" else condition, severity)
+    inputs, targets = family.eval_data(task, split_name(family, task, split),
+                                       None if condition == "clean" else condition, severity)
     outputs = predict(predictor, family, task, inputs, batch_size)
     metric = family.suite.task(task).metric
     # A corpus-level metric (Spearman, mIoU) comes from the family as a function of an example

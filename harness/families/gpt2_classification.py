@@ -94,8 +94,8 @@ class Gpt2ClassificationFamily:
         label_column = self.suite.task(task).label_column
 
         def build() -> dict[str, Tensor]:
-            enc = tok(*[ds[c] for c in columns], truncation=True, max_length=MAX_LENGTH, padding=True)
-            return {"inputs": pack_text(enc), "labels": torch.as_tensor(ds[label_column], dtype=torch.long)}
+            enc = tok(*[list(ds[c]) for c in columns], truncation=True, max_length=MAX_LENGTH, padding=True)
+            return {"inputs": pack_text(enc), "labels": torch.as_tensor(list(ds[label_column]), dtype=torch.long)}
 
         key = {"fp": ds._fingerprint, "n": len(ds), "tok": tok.name_or_path, "vocab": len(tok), "cols": columns,
                "label": label_column, "max": MAX_LENGTH, "v": 1}
