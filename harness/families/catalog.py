@@ -305,6 +305,19 @@ def write_all(out: Path) -> list[Path]:
     return paths
 
 
+def download_commands(suite_file: Path) -> list[str]:
+    """`hf download` lines that put a suite's models and datasets into the HF cache."""
+    from harness.spec import load_suite
+    suite = load_suite(suite_file)
+    models = dict.fromkeys([suite.family.base, *suite.family.experts.values()])
+    datasets = dict.fromkeys(t.dataset for t in suite.tasks)
+    return ([f"hf download {m}" for m in models]
+            + [f"hf download --repo-type dataset {d}" for d in datasets])
+
+
 if __name__ == "__main__":
-    for p in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "suites")):
-        print(p)
+    if sys.argv[1:2] == ["--downloads"]:  # python -m harness.families.catalog --downloads suites/X.yaml
+        print("\n".join(download_commands(Path(sys.argv[2]))))
+    else:
+        for p in write_all(Path(sys.argv[1] if len(sys.argv) > 1 else "suites")):
+            print(p)
