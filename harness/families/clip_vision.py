@@ -75,7 +75,8 @@ class ClipVisionFamily:
         ref = self.suite.family.heads
         if ref is None:
             raise FbhError("clip_vision needs fixed task heads", file=str(self.suite_file), field="family.heads",
-                           fix="point family.heads to a safetensors file of one [classes, dim] tensor per task")
+                           fix="set family.heads to 'zero_shot' (real CLIP) or a safetensors file of one "
+                               "[classes, dim] tensor per task")
         path = self._zero_shot_heads() if ref == ZERO_SHOT else self.resolve(ref, "family.heads")
         if not Path(path).is_file():
             raise SuiteUnavailable(f"heads file '{ref}' not found", file=str(self.suite_file), field="family.heads",

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from harness.errors import SuiteUnavailable
+from harness.errors import FbhError, SuiteUnavailable
 from harness.families.common import (HUB_FIX, load_cached, load_pretrained, load_split, pack_text,
                                      refuse_corruption, unpack_text)
 from harness.sources import Resolver
@@ -136,7 +136,6 @@ class FlanT5Family:
         refuse_corruption(self, corruption)
         spec = self.suite.task(task)
         if not spec.templates:
-            from harness.errors import FbhError
             raise FbhError(f"task '{task}' has no prompt template", file=str(self.suite_file),
                            field=f"tasks[{task}].templates", fix="give one template using '{column}' fields")
         ds = load_split(self.suite, self.suite_file, self.resolve, task, split)
@@ -169,9 +168,10 @@ class FlanT5Family:
         gold = torch.tensor([_number(s) for s in self._texts(targets)], dtype=torch.float64)
 
         def spearman(idx: Tensor) -> float:
-            rho = spearmanr(preds[idx].numpy(), gold[idx].numpy()).statistic
-            # Constant predictions have no rank correlation; count it as none rather than NaN.
-            return 100 * float(rho) if rho == rho else 0.0
+            p, g = preds[idx], gold[idx]
+            if p.min() == p.max() or g.min() == g.max():
+                return 0.0  # constant outputs (e.g. all unparseable) have no rank correlation: count none, not NaN
+            return 100 * float(spearmanr(p.numpy(), g.numpy()).statistic)
         return spearman
 
 
