@@ -266,7 +266,7 @@ def test_flan_t5_full_and_lora_experts(env):
         "references": {"computed": ["pretrained", "stl"]}})
 
     from harness.runner import open_suite
-    family = open_suite("t5-tiny", torch.device("cpu"), build=False).family
+    family = open_suite("t5-tiny", torch.device("cpu")).family
     merged_lora = family.expert_state("stsb")
     dense = lora.merge_and_unload().state_dict()
     assert torch.allclose(merged_lora["encoder.block.0.layer.0.SelfAttention.q.weight"],
