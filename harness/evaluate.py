@@ -73,20 +73,27 @@ def check_state(state: StateDict) -> None:
             raise ValueError(f"fused weights contain NaN or inf in '{k}'")
 
 
+def combine(predictor: Predictor, member_logits: Tensor) -> Tensor:
+    """Reduce stacked member logits [members, batch, ...] to one prediction's logits."""
+    if predictor.reduce == "max":
+        return member_logits.max(dim=0).values
+    if predictor.weights is not None:
+        w = torch.tensor(predictor.weights, device=member_logits.device)
+        return (w.view(-1, *[1] * (member_logits.dim() - 1)) * member_logits).sum(0)
+    return member_logits.mean(0)
+
+
 @torch.no_grad()
 def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, batch_size: int) -> Tensor:
+    # Families whose outputs are not one forward pass of logits (e.g. generated text) predict themselves.
+    own = getattr(family, "predict", None)
+    if own is not None:
+        return own(predictor, task, inputs, batch_size)
     outs = []
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size]
         member_logits = torch.stack([family.logits(m, task, x).float() for m in predictor.members])
-        if predictor.reduce == "max":
-            logits = member_logits.max(dim=0).values
-        elif predictor.weights is not None:
-            w = torch.tensor(predictor.weights, device=member_logits.device).view(-1, 1, 1)
-            logits = (w * member_logits).sum(0)
-        else:
-            logits = member_logits.mean(0)
-        outs.append(logits.cpu())
+        outs.append(combine(predictor, member_logits).cpu())
     return torch.cat(outs)
 
 
@@ -103,15 +110,47 @@ def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: in
     return float(lo), float(hi)
 
 
+def split_name(family: Family, task: str, role: str) -> str:
+    """The dataset split a task declares for a role ('test', 'validation'): GLUE tests on 'validation'."""
+    spec = family.suite.task(task)
+    return {"test": spec.split, "validation": spec.validation_split}.get(role) or role
+
+
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
                condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> ResultRow:
-    inputs, targets = family.eval_data(task, split, None if condition == "clean" else condition, severity)
+    inputs, targets = family.eval_data(task, split_name(family, task, split),
+                                       None if condition == "clean" else condition, severity)
     outputs = predict(predictor, family, task, inputs, batch_size)
-    per_example = family.score(task, outputs, targets)
     metric = family.suite.task(task).metric
+    # A corpus-level metric (Spearman, mIoU) comes from the family as a function of an example
+    # sample, in reported units; otherwise the metric is the mean of per-example scores, in percent.
+    statistic = getattr(family, "statistic", None)
+    value_of = statistic(task, outputs, targets) if statistic is not None else None
+    if value_of is not None:
+        n = len(targets)
+        value = value_of(torch.arange(n))
+        lo, hi = bootstrap_statistic(value_of, n)
+        return ResultRow(task=task, task_split=task_split, condition=condition, severity=severity,
+                         metric=metric, value=value, n=n, ci_low=lo, ci_high=hi)
+    per_example = family.score(task, outputs, targets)
     lo, hi = bootstrap_ci(per_example)
     return ResultRow(task=task, task_split=task_split, condition=condition, severity=severity, metric=metric,
                      value=100 * float(per_example.mean()), n=len(per_example), ci_low=100 * lo, ci_high=100 * hi)
+
+
+def bootstrap_statistic(value_of, n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of any statistic of an example sample."""
+    if n < 2:
+        v = value_of(torch.arange(n))
+        return v, v
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([value_of(torch.randint(0, n, (n,), generator=g)) for _ in range(samples)],
+                          dtype=torch.float64)
+    values = values[torch.isfinite(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(lo), float(hi)
 
 
 def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",

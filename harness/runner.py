@@ -25,6 +25,7 @@ from harness.planner import (Job, content_hash, default_suites, find_suite, harn
 from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
 from harness.spec import SubmissionSpec, SuiteSpec, load_submission
 from harness.store import Run, Store, now
+from harness.suites import require_available
 
 Progress = Callable[[str], None]
 
@@ -271,6 +272,26 @@ def run_jobs(store: Store, jobs: list[Job], device: str, progress: Progress,
     return outcomes
 
 
+def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, label: str,
+                     progress: Progress) -> list[tuple[SuiteSpec, Path]]:
+    """Among several suites, skip (and say so) those whose models or data are not here; one
+    suite asked for alone that cannot run is a user error (exit 2)."""
+    available = []
+    for spec, file in specs:
+        try:
+            require_available(spec, file)
+            available.append((spec, file))
+        except SuiteUnavailable as exc:
+            if len(specs) == 1:
+                raise
+            progress(f"[{spec.name}] skipped: {exc.message}")
+            report.outcomes.append(Outcome(spec.name, "all", label, "skipped", error=exc.message))
+    if not available:
+        raise SuiteUnavailable(f"none of the suites {[s.name for s, _ in specs]} is available here",
+                               field="--suite", fix="see `fbh suites list`; " + report.outcomes[0].error)
+    return available
+
+
 def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: Path | str | None = None,
            device: str = "auto", progress: Progress = print, force: bool = False,
            executor=local_executor) -> SubmitReport:
@@ -287,6 +308,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         raise FbhError("no suite to run", file=str(path), field="suites",
                        fix="pass --suite NAME or mark a suite `default: true`")
     specs = [find_suite(n) for n in names]  # every suite is validated before any work
+    report = SubmitReport(sub.name)
+    specs = available_suites(specs, report, sub.name, progress)
     suites_ = [s for s, _ in specs]
     candidate, _ = plan(sub, suites_, set(), force=True, file=str(path))
     store = Store(db or default_db())
@@ -298,7 +321,6 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     for spec, file in specs:
         store.upsert_suite(spec.model_dump(mode="json"), content_hash(spec.model_dump(mode="json")))
         store_published(store, spec, file)
-    report = SubmitReport(sub.name)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in cached]
     if todo:
         report.outcomes += run_jobs(store, todo, str(pick_device(device)), progress, executor)

@@ -45,6 +45,9 @@ class FamilySpec(Strict):
 class TaskSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     dataset: str = Field(description="HuggingFace dataset id, local path, or zoo://path")
+    dataset_config: str | None = Field(None, description="dataset configuration name, e.g. GLUE's 'mrpc'")
+    input_columns: list[str] | None = Field(None, description="text or image columns the family reads, in order")
+    label_column: str = "label"
     split: str = "test"
     validation_split: str | None = "validation"
     train_split: str | None = "train"
@@ -52,7 +55,8 @@ class TaskSpec(Strict):
                     "abs_err", "rel_err", "mean_angle"] = "accuracy"
     max_examples: int | None = Field(None, gt=0, le=10_000_000)
     classes: list[str] | None = None
-    templates: list[str] | None = None
+    templates: list[str] | None = Field(None, description="prompt templates: CLIP '{c}' for the class name; "
+                                                        "text-to-text '{column}' for dataset columns")
 
 
 class CorruptionSpec(Strict):

@@ -1,34 +1,40 @@
 """Is a suite runnable here? Zoo suites always are (fbh builds them); hub suites need
-their models and data in the local HuggingFace cache or on disk."""
+their models and data in the local HuggingFace cache or on disk. Checked offline, without
+touching the network, so `fbh suites list` and `fbh submit` answer at once."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
+from harness.errors import SuiteUnavailable
 from harness.sources import ZOO_PREFIX, Resolver
 from harness.spec import SuiteSpec
 
+REAL_SUITES_FIX = ("download its models and datasets on a machine with hub access (README, 'Real suites'), "
+                   "or point the suite at local copies")
 
-def _in_hf_cache(repo_id: str, repo_type: str) -> bool:
-    from huggingface_hub import scan_cache_dir
-    try:
-        return any(r.repo_id == repo_id and r.repo_type == repo_type for r in scan_cache_dir().repos)
+
+@lru_cache(maxsize=1)
+def _hf_cached_repos() -> frozenset[tuple[str, str]]:
+    from huggingface_hub import constants, scan_cache_dir
+    try:  # constants read now, as hf_hub_download reads them, so HF_HUB_CACHE changes are seen
+        return frozenset((r.repo_type, r.repo_id) for r in scan_cache_dir(constants.HF_HUB_CACHE).repos)
     except Exception:  # no cache dir yet, or an unreadable one
-        return False
+        return frozenset()
 
 
 def missing_refs(spec: SuiteSpec, file: Path) -> list[str]:
     resolve = Resolver(file, None)
     refs = [("model", spec.family.base)] + [("model", r) for r in spec.family.experts.values()]
     refs += [("dataset", t.dataset) for t in spec.tasks]
+    _hf_cached_repos.cache_clear()
     missing = []
     for kind, ref in refs:
-        if ref.startswith(ZOO_PREFIX):
+        if ref.startswith(ZOO_PREFIX) or ref in missing:
             continue
         resolved = resolve(ref)
-        if Path(resolved).exists():
-            continue
-        if not _in_hf_cache(resolved, kind):
+        if not Path(resolved).exists() and (kind, resolved) not in _hf_cached_repos():
             missing.append(ref)
     return missing
 
@@ -40,6 +46,17 @@ def availability(spec: SuiteSpec, file: Path) -> tuple[str, str]:
         return ("available", "zoo built" if built else "zoo builds offline on first use")
     missing = missing_refs(spec, file)
     if missing:
-        return ("unavailable", f"{len(missing)} model/data refs not found locally (e.g. {missing[0]}); "
-                               "the HF hub is unreachable here")
+        return ("unavailable", f"{len(missing)} model/data refs not found locally (e.g. {missing[0]})")
     return ("available", "all refs found locally")
+
+
+def require_available(spec: SuiteSpec, file: Path) -> None:
+    """Raise SuiteUnavailable naming the suite and what is missing, before any work starts."""
+    if spec.family.zoo is not None:
+        return
+    missing = missing_refs(spec, file)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise SuiteUnavailable(f"suite '{spec.name}' is unavailable: '{missing[0]}'{more} not found locally "
+                               "(no local path, not in the HuggingFace cache)", file=str(file),
+                               fix=REAL_SUITES_FIX)

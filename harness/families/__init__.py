@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # the family registry is read while planning, which must not 
 
 FAMILIES = {
     "clip_vision": "harness.families.clip_vision:ClipVisionFamily",
+    "gpt2_classification": "harness.families.gpt2_classification:Gpt2ClassificationFamily",
+    "flan_t5": "harness.families.flan_t5:FlanT5Family",
 }
 
 
@@ -35,6 +37,12 @@ class Family(Protocol):
     def eval_data(self, task: str, split: str, corruption: str | None = None,
                   severity: int | None = None) -> tuple[Tensor, Tensor]: ...
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor: ...
+
+    # Optional hooks, looked up by harness.evaluate:
+    #   predict(predictor, task, inputs, batch_size) -> outputs    when outputs are not one pass of
+    #       logits (generated text); combine members with harness.evaluate.combine
+    #   statistic(task, outputs, targets) -> (index sample -> value) | None    for corpus-level
+    #       metrics (Spearman, mIoU), in reported units; None falls back to the mean of score()
 
 
 def load_family(suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: "torch.device") -> Family:

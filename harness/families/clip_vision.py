@@ -23,10 +23,13 @@ from torch import Tensor, nn
 
 from harness.corruptions import corrupt
 from harness.errors import FbhError, SuiteUnavailable
+from harness.families.common import cached_tensors, load_pretrained, load_split
 from harness.paths import cache_dir
 from harness.sources import Resolver
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
+
+ZERO_SHOT = "zero_shot"  # family.heads value: compute heads from the base CLIPModel's text tower
 
 
 class ClipVisionFamily:
@@ -44,17 +47,9 @@ class ClipVisionFamily:
     # -- models ------------------------------------------------------------------
     def _from_pretrained(self, ref: str, field: str) -> nn.Module:
         from transformers import CLIPVisionModel
-        fam = self.suite.family
-        resolved = self.resolve(ref, field)
-        try:
-            model = CLIPVisionModel.from_pretrained(
-                resolved, revision=fam.revision, use_safetensors=None if fam.allow_pickle else True,
-                trust_remote_code=fam.trust_remote_code)
-        except OSError as exc:
-            raise SuiteUnavailable(f"cannot load model '{ref}': {str(exc).splitlines()[0]}",
-                                   file=str(self.suite_file), field=field,
-                                   fix="build it (zoo), download it to the HF cache, or point to a local copy") from None
-        return model.eval()
+        # CLIPVisionModel loads the vision tower of a full CLIPModel checkpoint too (openai/clip-vit-*).
+        return load_pretrained(CLIPVisionModel.from_pretrained, self.suite, self.suite_file, self.resolve,
+                               ref, field).eval()
 
     def template(self) -> nn.Module:
         if self._template is None:
@@ -80,8 +75,9 @@ class ClipVisionFamily:
         ref = self.suite.family.heads
         if ref is None:
             raise FbhError("clip_vision needs fixed task heads", file=str(self.suite_file), field="family.heads",
-                           fix="point family.heads to a safetensors file of one [classes, dim] tensor per task")
-        path = self.resolve(ref, "family.heads")
+                           fix="set family.heads to 'zero_shot' (real CLIP) or a safetensors file of one "
+                               "[classes, dim] tensor per task")
+        path = self._zero_shot_heads() if ref == ZERO_SHOT else self.resolve(ref, "family.heads")
         if not Path(path).is_file():
             raise SuiteUnavailable(f"heads file '{ref}' not found", file=str(self.suite_file), field="family.heads",
                                    fix="build the zoo or compute the zero-shot heads first")
@@ -95,6 +91,38 @@ class ClipVisionFamily:
             raise FbhError(f"heads file has no head for tasks {missing}", file=str(self.suite_file),
                            field="family.heads", fix="rebuild the heads for every task")
         self._heads = {t: tensors[t].float() for t in self.suite.task_names}
+
+    def _zero_shot_heads(self) -> str:
+        """FusionBench's heads for real CLIP: per class, the normalised text embeddings of every
+        prompt template, averaged and renormalised; computed once from the pre-trained text tower."""
+        fam = self.suite.family
+        bare = [t.name for t in self.suite.tasks if not t.classes or not t.templates]
+        if bare:
+            raise FbhError(f"zero-shot heads need class names and prompt templates; tasks {bare} have none",
+                           file=str(self.suite_file), field="tasks[].classes",
+                           fix="give each task `classes` (in label order) and `templates` using '{c}'")
+        key = {"base": self.resolve(fam.base), "revision": fam.revision, "tokenizer": fam.processor,
+               "tasks": [(t.name, t.classes, t.templates) for t in self.suite.tasks], "v": 1}
+        return str(cached_tensors("heads", "zero-shot", key, self._text_heads))
+
+    @torch.no_grad()
+    def _text_heads(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        from transformers import AutoTokenizer, CLIPModel
+        fam = self.suite.family
+        clip = load_pretrained(CLIPModel.from_pretrained, self.suite, self.suite_file, self.resolve, fam.base,
+                               "family.base").eval()
+        tokenizer = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"))
+        heads = {"visual_projection": clip.visual_projection.weight.detach().float()}
+        for task in self.suite.tasks:
+            rows = []
+            for name in task.classes:
+                prompts = [t.replace("{c}", name) for t in task.templates]
+                tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+                text = clip.get_text_features(input_ids=tokens["input_ids"],
+                                              attention_mask=tokens["attention_mask"]).pooler_output
+                rows.append(F.normalize(F.normalize(text.float(), dim=-1).mean(0), dim=-1))
+            heads[task.name] = torch.stack(rows)
+        return heads, {"logit_scale": str(float(clip.logit_scale.exp())), "source": f"zero-shot from {fam.base}"}
 
     def head(self, task: str) -> Tensor:
         if self._heads is None:
@@ -120,22 +148,7 @@ class ClipVisionFamily:
         return self._processor
 
     def _raw_split(self, task: str, split: str):
-        import datasets
-        spec = self.suite.task(task)
-        resolved = self.resolve(spec.dataset, f"tasks[{task}].dataset")
-        try:
-            if Path(resolved).exists():
-                ds = datasets.load_from_disk(resolved)
-                ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-            else:
-                ds = datasets.load_dataset(resolved, split=split)
-        except (FileNotFoundError, KeyError, ValueError, ConnectionError) as exc:
-            raise SuiteUnavailable(f"cannot load split '{split}' of dataset '{spec.dataset}': {exc}",
-                                   file=str(self.suite_file), field=f"tasks[{task}].dataset",
-                                   fix="build the zoo, or download the dataset to the HF cache") from None
-        if spec.max_examples is not None and len(ds) > spec.max_examples:
-            ds = ds.select(range(spec.max_examples))
-        return ds
+        return load_split(self.suite, self.suite_file, self.resolve, task, split)
 
     def eval_data(self, task: str, split: str, corruption: str | None = None,
                   severity: int | None = None) -> tuple[Tensor, Tensor]:
@@ -149,7 +162,8 @@ class ClipVisionFamily:
         if path.is_file():
             t = load_file(str(path))
             return t["inputs"], t["labels"]
-        image_col = "image" if "image" in ds.column_names else "img"
+        spec = self.suite.task(task)
+        image_col = (spec.input_columns or ["image" if "image" in ds.column_names else "img"])[0]
         images = [np.asarray(im.convert("RGB")) for im in ds[image_col]]
         if corruption:
             if len({im.shape for im in images}) == 1:
@@ -157,7 +171,7 @@ class ClipVisionFamily:
             else:
                 images = [corrupt(im[None], corruption, severity or 3, seed=i)[0] for i, im in enumerate(images)]
         inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
-        labels = torch.as_tensor(ds["label"], dtype=torch.long)
+        labels = torch.as_tensor(ds[spec.label_column], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may fill the cache at once
         save_file({"inputs": inputs, "labels": labels}, str(tmp))

@@ -1,0 +1,102 @@
+"""What every family adapter shares: loading models and dataset splits through the real
+libraries (so a local copy and a hub id take the same path), unavailability errors, the
+eval-tensor cache, and packing tokenised text into one tensor."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from harness.errors import FbhError, SuiteUnavailable
+from harness.paths import cache_dir
+from harness.sources import Resolver
+from harness.spec import SuiteSpec
+
+HUB_FIX = "download it to the HF cache (see README, 'Real suites'), or point the suite at a local copy"
+
+
+def load_pretrained(loader: Callable, suite: SuiteSpec, suite_file: Path, resolve: Resolver, ref: str,
+                    field: str, **kwargs):
+    """loader(resolved, ...) with the suite's revision / safetensors / remote-code policy;
+    a model that cannot be found makes the suite unavailable instead of crashing it."""
+    fam = suite.family
+    resolved = resolve(ref, field)
+    try:
+        return loader(resolved, revision=fam.revision, use_safetensors=None if fam.allow_pickle else True,
+                      trust_remote_code=fam.trust_remote_code, **kwargs)
+    except OSError as exc:
+        raise SuiteUnavailable(f"cannot load model '{ref}': {str(exc).splitlines()[0]}", file=str(suite_file),
+                               field=field, fix=HUB_FIX) from None
+
+
+def load_split(suite: SuiteSpec, suite_file: Path, resolve: Resolver, task: str, split: str):
+    """One split of a task's dataset: `save_to_disk` folders and hub ids alike, capped at max_examples."""
+    import datasets
+    spec = suite.task(task)
+    resolved = resolve(spec.dataset, f"tasks[{task}].dataset")
+    try:
+        if Path(resolved).exists():
+            ds = datasets.load_from_disk(resolved)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(resolved, spec.dataset_config, split=split)
+    except (FileNotFoundError, KeyError, ValueError, ConnectionError) as exc:
+        raise SuiteUnavailable(f"cannot load split '{split}' of dataset '{spec.dataset}': {exc}",
+                               file=str(suite_file), field=f"tasks[{task}].dataset",
+                               fix="build the zoo, or " + HUB_FIX) from None
+    if spec.max_examples is not None and len(ds) > spec.max_examples:
+        ds = ds.select(range(spec.max_examples))
+    return ds
+
+
+def content_key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cached_tensors(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor] | tuple]) -> Path:
+    """Compute tensors once per content key and keep them as safetensors in the fbh cache.
+    build returns the tensors, or (tensors, string metadata)."""
+    path = cache_dir() / folder / f"{name}-{content_key(key_obj)}.safetensors"
+    if not path.is_file():
+        built = build()
+        tensors, metadata = built if isinstance(built, tuple) else (built, None)
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.rename(path)
+    return path
+
+
+def load_cached(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+    return load_file(str(cached_tensors(folder, name, key_obj, build)))
+
+
+# Tokenised text travels through the harness as one long tensor [N, 2, L]: ids and attention mask,
+# so methods slice batches of text exactly as they slice batches of images.
+def pack_text(encoding) -> Tensor:
+    return torch.stack([torch.as_tensor(encoding["input_ids"]), torch.as_tensor(encoding["attention_mask"])],
+                       dim=1).long()
+
+
+def unpack_text(inputs: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    inputs = inputs.to(device)
+    return inputs[:, 0], inputs[:, 1]
+
+
+def text_columns(suite: SuiteSpec, task: str, ds) -> list[str]:
+    spec = suite.task(task)
+    return spec.input_columns or [c for c in ds.column_names if c not in (spec.label_column, "idx")]
+
+
+def refuse_corruption(family, corruption: str | None) -> None:
+    if corruption is not None:
+        raise FbhError(f"corruptions are image corruptions; family '{family.suite.family.kind}' has no images",
+                       file=str(family.suite_file), field="corruptions", fix="remove corruptions from this suite")

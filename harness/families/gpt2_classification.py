@@ -1,0 +1,106 @@
+"""GPT-2 sequence classifiers on GLUE (FusionBench's text-classification setting).
+
+Only the GPT-2 body (`GPT2Model`) is fused; every task keeps its own classification head
+(`score.weight` of its fine-tuned `GPT2ForSequenceClassification`, e.g. tanganke/gpt2_cola),
+applied to the hidden state of the last non-padding token, as the transformers class does.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from harness.families.common import (load_cached, load_pretrained, load_split, pack_text, refuse_corruption,
+                                     text_columns, unpack_text)
+from harness.sources import Resolver
+from harness.spec import SuiteSpec
+from harness.tensors import StateDict
+
+MAX_LENGTH = 512  # FusionBench sets tokenizer.model_max_length = 512 for GPT-2 on GLUE
+
+
+class Gpt2ClassificationFamily:
+    def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
+        self.suite = suite
+        self.suite_file = suite_file
+        self.resolve = Resolver(suite_file, zoo_dir)
+        self.device = device
+        self._template: nn.Module | None = None
+        self._heads: dict[str, Tensor] = {}
+        self._tokenizer = None
+
+    # -- models ------------------------------------------------------------------
+    def _load(self, loader, ref: str, field: str) -> nn.Module:
+        return load_pretrained(loader, self.suite, self.suite_file, self.resolve, ref, field).eval()
+
+    def template(self) -> nn.Module:
+        from transformers import GPT2Model
+        if self._template is None:
+            self._template = self._load(GPT2Model.from_pretrained, self.suite.family.base, "family.base")
+        return self._template
+
+    def base_state(self) -> StateDict:
+        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+
+    def load_state(self, ref: str, field: str) -> StateDict:
+        from transformers import GPT2Model
+        return {k: v.detach() for k, v in self._load(GPT2Model.from_pretrained, ref, field).state_dict().items()}
+
+    def expert_state(self, task: str) -> StateDict:
+        from transformers import GPT2ForSequenceClassification
+        classifier = self._load(GPT2ForSequenceClassification.from_pretrained, self.suite.family.experts[task],
+                                f"family.experts.{task}")
+        self._heads[task] = classifier.score.weight.detach().float()
+        return {k: v.detach() for k, v in classifier.transformer.state_dict().items()}
+
+    def build(self, state: StateDict) -> nn.Module:
+        model = copy.deepcopy(self.template())
+        model.load_state_dict(state, strict=True)
+        return model.to(self.device).eval()
+
+    # -- heads -------------------------------------------------------------------
+    def head(self, task: str) -> Tensor:
+        if task not in self._heads:
+            self.expert_state(task)  # the head lives in the task's fine-tuned classifier
+        return self._heads[task]
+
+    def logits(self, model: nn.Module, task: str, inputs: Tensor) -> Tensor:
+        ids, mask = unpack_text(inputs, self.device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = mask.sum(dim=1).clamp(min=1) - 1  # right padding: the last real token
+        pooled = hidden[torch.arange(len(ids), device=hidden.device), last].float()
+        return pooled @ self.head(task).to(pooled.device).T
+
+    # -- data --------------------------------------------------------------------
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            fam = self.suite.family
+            tok = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"))
+            tok.pad_token = tok.pad_token or tok.unk_token or tok.eos_token  # GPT-2 has none; FusionBench's choice
+            tok.padding_side = "right"
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def eval_data(self, task: str, split: str, corruption: str | None = None,
+                  severity: int | None = None) -> tuple[Tensor, Tensor]:
+        refuse_corruption(self, corruption)
+        ds = load_split(self.suite, self.suite_file, self.resolve, task, split)
+        columns = text_columns(self.suite, task, ds)
+        tok = self.tokenizer()
+        label_column = self.suite.task(task).label_column
+
+        def build() -> dict[str, Tensor]:
+            enc = tok(*[list(ds[c]) for c in columns], truncation=True, max_length=MAX_LENGTH, padding=True)
+            return {"inputs": pack_text(enc), "labels": torch.as_tensor(list(ds[label_column]), dtype=torch.long)}
+
+        key = {"fp": ds._fingerprint, "n": len(ds), "tok": tok.name_or_path, "vocab": len(tok), "cols": columns,
+               "label": label_column, "max": MAX_LENGTH, "v": 1}
+        t = load_cached("evalsets", f"{task}-{split}", key, build)
+        return t["inputs"], t["labels"]
+
+    def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:
+        return (outputs.argmax(dim=-1).cpu() == targets.cpu()).float()
