@@ -33,14 +33,15 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "num_layers": 4,
     "num_heads": 4,
     "patch_size": 8,
-    "pretrain_steps": 500,
+    "pretrain_steps": 600,
     "pretrain_lr": 2e-3,
-    "pretrain_batch": 128,
-    "finetune_steps": 120,
-    "finetune_lr": 5e-4,
-    "finetune_batch": 64,
-    "mtl_steps": 400,
-    "head_examples": 100,
+    "pretrain_batch": 64,
+    "pretrain_pool": 4096,
+    "finetune_steps": 200,
+    "finetune_lr": 4e-4,
+    "finetune_batch": 32,
+    "mtl_steps": 800,
+    "head_examples": 400,
     "logit_scale": 20.0,
     "weight_decay": 0.0,
 }
@@ -57,15 +58,17 @@ YY, XX = _grid()
 
 
 def _background(rng: np.random.Generator, dark: bool = True) -> np.ndarray:
-    base = rng.uniform(0, 0.35 if dark else 1.0, size=3).astype(np.float32)
+    # Nearly grey: hue is the 'colors' task's cue alone, so the other experts have no
+    # reason to learn hue invariance (which is what destroyed 'colors' when merging).
+    base = rng.uniform(0, 0.35 if dark else 1.0) + rng.uniform(-0.03, 0.03, size=3).astype(np.float32)
     noise = rng.normal(0, 0.06, size=(IMAGE, IMAGE, 3)).astype(np.float32)
-    return np.clip(base + noise, 0, 1)
+    return np.clip(base + noise, 0, 1).astype(np.float32)
 
 
 def _color(rng: np.random.Generator) -> np.ndarray:
-    c = rng.uniform(0.55, 1.0, size=3).astype(np.float32)
-    c[rng.integers(3)] *= rng.uniform(0.2, 0.7)
-    return c
+    """A bright, weakly tinted foreground colour."""
+    c = rng.uniform(0.6, 1.0) + rng.uniform(-0.08, 0.08, size=3)
+    return np.clip(c, 0, 1).astype(np.float32)
 
 
 def _paint(img: np.ndarray, mask: np.ndarray, color: np.ndarray) -> np.ndarray:
@@ -123,7 +126,7 @@ def gen_digits(rng, n, bank, held_out):
         i = rng.choice(idx_pool)
         img = _background(rng)
         scale = 3
-        o = rng.integers(0, IMAGE - 8 * scale + 1, size=2)
+        o = rng.integers(2, 7, size=2)  # a centred 24x24 glyph, jittered by +-2 px
         xs.append(_place_digit(img, images[i], _color(rng), scale, o[0], o[1]))
         ys.append(labels[i])
     return xs, ys
@@ -136,14 +139,14 @@ def gen_svhn(rng, n, bank, held_out):
     xs, ys = [], []
     for _ in range(n):
         img = _background(rng, dark=False)
-        img = _paint(img, (YY // 4 + XX // 4) % 2 == 0, rng.uniform(0, 1, 3).astype(np.float32) * 0.5 + img.mean() * 0.5)
+        img = _paint(img, (YY // 4 + XX // 4) % 2 == 0, np.full(3, rng.uniform(0, 1) * 0.2 + img.mean() * 0.8, dtype=np.float32))
         for side in (-1, 1):  # partial distractor digits at the borders, as in house numbers
             j = rng.choice(idx_pool)
-            _place_digit(img, images[j][:, 2:6] if side < 0 else images[j][:, :4], _color(rng), 3,
-                         rng.integers(2, 8), 0 if side < 0 else IMAGE - 12)
+            _place_digit(img, images[j][:, 5:8] if side < 0 else images[j][:, :1], _color(rng), 3,
+                         rng.integers(2, 8), 0 if side < 0 else IMAGE - 3)
         i = rng.choice(idx_pool)
         color = 1.0 - img.mean(axis=(0, 1)) * 0.8
-        _place_digit(img, images[i], np.clip(color, 0, 1).astype(np.float32), 2, rng.integers(6, 11), rng.integers(6, 11))
+        _place_digit(img, images[i], np.clip(color, 0, 1).astype(np.float32), 3, rng.integers(3, 6), rng.integers(3, 6))
         xs.append(img)
         ys.append(labels[i])
     return xs, ys
@@ -184,7 +187,7 @@ def gen_textures(rng, n, *_):
             field = field.astype(np.float32) * 2 - 1
         else:
             field = np.sign(np.sin(f * 0.6 * XX + ph)) * np.sign(np.sin(f * 0.6 * YY + ph))
-        a, b = _color(rng), rng.uniform(0, 0.4, 3).astype(np.float32)
+        a, b = _color(rng), np.full(3, rng.uniform(0, 0.4), dtype=np.float32)
         t = ((field + 1) / 2)[..., None]
         img = b * (1 - t) + a * t + rng.normal(0, 0.05, (IMAGE, IMAGE, 3))
         xs.append(np.clip(img, 0, 1).astype(np.float32))
@@ -284,23 +287,93 @@ def make_split(task: str, split: str, n: int, seed: int, bank) -> tuple[np.ndarr
 
 # ----------------------------------------------------------------------------- pretext data
 
-def pretext_batch(rng: np.random.Generator, n: int, bank) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Generic visual pretext: which generator family made the image, and its rotation.
+PSEUDO_GLYPHS = 48
 
-    It teaches general primitives (strokes, blobs, periodic patterns) without the
-    downstream label spaces, so the fixed heads start well above chance but far from STL.
-    """
+
+def _pseudo_glyphs(seed: int) -> np.ndarray:
+    """A fixed bank of random 8x8 stroke glyphs: generic 'characters' that are not digits."""
+    rng = np.random.default_rng([seed, 123])
+    bank = np.zeros((PSEUDO_GLYPHS, 8, 8), dtype=np.float32)
+    for g in range(PSEUDO_GLYPHS):
+        for _ in range(int(rng.integers(2, 4))):
+            a, b = rng.uniform(0.5, 7.5, size=(2, 2))
+            for t in np.linspace(0, 1, 16):
+                y, x = (a + t * (b - a)).astype(int)
+                bank[g, y, x] = 1.0
+    return bank
+
+
+def gen_glyphs(rng, n, glyphs):
+    xs, ys = [], []
+    for _ in range(n):
+        k = int(rng.integers(len(glyphs)))
+        img = _background(rng, dark=bool(rng.integers(2)))
+        scale = int(rng.integers(2, 4))
+        o = rng.integers(0, IMAGE - 8 * scale + 1, size=2)
+        color = _color(rng) if img.mean() < 0.5 else _color(rng) * 0.3
+        xs.append(_place_digit(img, glyphs[k], color, scale, o[0], o[1]))
+        ys.append(k)
+    return xs, ys
+
+
+HIST_BINS = 8
+
+
+def _soft_hist(values: np.ndarray, weights: np.ndarray, bins: int) -> np.ndarray:
+    """Per-image weighted histogram of values in [0, 1) -> (B, bins), rows summing to 1."""
+    b = np.minimum((values * bins).astype(np.int64), bins - 1).reshape(len(values), -1)
+    w = weights.reshape(len(values), -1)
+    out = np.zeros((len(values), bins), dtype=np.float32)
+    np.add.at(out, (np.repeat(np.arange(len(values)), b.shape[1]), b.ravel()), w.ravel())
+    out += 1e-3
+    return out / out.sum(1, keepdims=True)
+
+
+def pretext_targets(images_uint8: np.ndarray) -> dict[str, np.ndarray]:
+    """Generic low-level statistics of each image (no downstream labels): where the
+    foreground mass is, its mean colour, and its edge orientations."""
+    f = images_uint8.astype(np.float32) / 255.0
+    n = len(f)
+    med = np.median(f.reshape(n, -1, 3), axis=1)
+    d = np.abs(f - med[:, None, None, :]).sum(-1)
+    w = d / (d.sum((1, 2), keepdims=True) + 1e-6)
+    color = (f * w[..., None]).sum((1, 2))
+    spatial = w.reshape(n, 4, 8, 4, 8).sum((2, 4)).reshape(n, 16)
+    spatial = (spatial + 1e-3) / (spatial + 1e-3).sum(1, keepdims=True)
+    gray = f.mean(-1)
+    gx = gray[:, 1:-1, 2:] - gray[:, 1:-1, :-2]
+    gy = gray[:, 2:, 1:-1] - gray[:, :-2, 1:-1]
+    ang = (np.arctan2(gy, gx) % np.pi) / np.pi
+    orient = _soft_hist(np.clip(ang, 0, 0.9999), np.sqrt(gx ** 2 + gy ** 2), HIST_BINS)
+    return {"color": color.astype(np.float32), "spatial": spatial.astype(np.float32),
+            "orient": orient}
+
+
+def rotated_targets(targets: dict[str, np.ndarray], idx: np.ndarray, rot: np.ndarray) -> dict[str, torch.Tensor]:
+    """pretext_targets of np.rot90(image, k), derived from the unrotated image's targets."""
+    spatial = targets["spatial"][idx].reshape(-1, 4, 4)
+    spatial = np.stack([np.rot90(s, k) for s, k in zip(spatial, rot)]).reshape(-1, 16)
+    orient = np.stack([np.roll(o, (HIST_BINS // 2) * (k % 2)) for o, k in zip(targets["orient"][idx], rot)])
+    return {"color": torch.from_numpy(targets["color"][idx]),
+            "spatial": torch.from_numpy(np.ascontiguousarray(spatial)), "orient": torch.from_numpy(orient)}
+
+
+def pretext_pool(rng: np.random.Generator, n: int, bank, glyphs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A generic visual pretext pool: images from every generator family plus random
+    pseudo-glyphs. Labels: generator family (glyphs are family len(TASKS)) and, for
+    glyph images, which pseudo-glyph (-1 otherwise)."""
     tasks = list(TASKS)
-    fam = rng.integers(len(tasks), size=n)
-    imgs = []
-    for t in fam:
-        gen, _ = TASKS[tasks[t]]
-        x, _ = gen(rng, 1, bank, False)
+    fam = rng.integers(len(tasks) + 1, size=n)
+    imgs, gid = [], np.full(n, -1, dtype=np.int64)
+    for i, t in enumerate(fam):
+        if t == len(tasks):
+            x, y = gen_glyphs(rng, 1, glyphs)
+            gid[i] = y[0]
+        else:
+            x, _ = TASKS[tasks[t]][0](rng, 1, bank, False)
         imgs.append(x[0])
     imgs = np.stack(imgs)
-    rot = rng.integers(4, size=n)
-    imgs = np.stack([np.rot90(im, k) for im, k in zip(imgs, rot)])
-    return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8), fam.astype(np.int64), rot.astype(np.int64)
+    return (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8), fam.astype(np.int64), gid
 
 
 # ----------------------------------------------------------------------------- models
@@ -345,22 +418,33 @@ def pretrain(recipe, bank, progress) -> torch.nn.Module:
     torch.manual_seed(recipe["seed"])
     model = make_model(recipe)
     d = recipe["hidden_size"]
-    fam_head = torch.nn.Linear(d, len(TASKS))
-    rot_head = torch.nn.Linear(d, 4)
-    params = list(model.parameters()) + list(fam_head.parameters()) + list(rot_head.parameters())
+    glyphs = _pseudo_glyphs(recipe["seed"])
+    heads = torch.nn.ModuleDict({
+        "family": torch.nn.Linear(d, len(TASKS) + 1), "rot": torch.nn.Linear(d, 4),
+        "glyph": torch.nn.Linear(d, PSEUDO_GLYPHS), "color": torch.nn.Linear(d, 3),
+        "spatial": torch.nn.Linear(d, 16),
+        "orient": torch.nn.Linear(d, HIST_BINS)})
+    params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=recipe["pretrain_lr"], weight_decay=0.01)
     steps = recipe["pretrain_steps"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["pretrain_lr"], total_steps=max(steps, 1))
     rng = np.random.default_rng([recipe["seed"], 99])
-    pool = 4096  # a fixed pool of pretext images, re-rotated every batch
-    imgs, fam, _ = pretext_batch(rng, pool, bank)
+    pool = recipe["pretrain_pool"]  # a fixed pool of pretext images, re-rotated every batch
+    imgs, fam, gid = pretext_pool(rng, pool, bank, glyphs)
+    targets = pretext_targets(imgs)  # for unrotated images; rotations permute spatial/orient bins
     for step in range(steps):
         idx = rng.integers(pool, size=recipe["pretrain_batch"])
         rot = rng.integers(4, size=len(idx))
-        x = np.stack([np.rot90(imgs[i], k) for i, k in zip(idx, rot)])
-        pooled = model(pixel_values=to_pixels(np.ascontiguousarray(x))).pooler_output
-        loss = F.cross_entropy(fam_head(pooled), torch.from_numpy(fam[idx])) + \
-            F.cross_entropy(rot_head(pooled), torch.from_numpy(rot))
+        x = np.ascontiguousarray(np.stack([np.rot90(imgs[i], k) for i, k in zip(idx, rot)]))
+        tg = rotated_targets(targets, idx, rot)
+        pooled = model(pixel_values=to_pixels(x)).pooler_output
+        g = torch.from_numpy(gid[idx])
+        loss = F.cross_entropy(heads["family"](pooled), torch.from_numpy(fam[idx])) + \
+            F.cross_entropy(heads["rot"](pooled), torch.from_numpy(rot)) + \
+            F.cross_entropy(heads["glyph"](pooled), g, ignore_index=-1) + \
+            10 * F.mse_loss(heads["color"](pooled), tg["color"])
+        for k in ("spatial", "orient"):
+            loss = loss + F.cross_entropy(heads[k](pooled), tg[k])
         opt.zero_grad()
         loss.backward()
         opt.step()
