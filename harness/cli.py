@@ -166,6 +166,29 @@ def validate(files):
         sys.exit(2)
 
 
+@main.command()
+@click.option("--base", required=True, help="git ref the change is compared with, e.g. origin/main")
+@click.option("--tier", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: suites whose zoo builds offline (tiny-vision); gpu: every available suite")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=Path(".fbh/ci-report.md"),
+              show_default=True, help="where to write the Markdown report")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+@click.option("--quiet", is_flag=True, help="print only the report")
+def ci(base, tier, report_path, db, quiet):
+    """Validate and evaluate the methods and submissions changed since BASE; exit 1 if any failed."""
+    from harness.ci import render, run_ci
+    from harness.paths import default_db
+    from harness.store import Store
+    path = db or default_db()
+    result = run_ci(base, tier=tier, db=path, progress=progress_printer(quiet))
+    text = render(result, Store(path))
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text)
+    click.echo(text)
+    if result.failed:
+        sys.exit(1)
+
+
 @main.group()
 def zoo():
     """Build the models and data of embedded suites."""

@@ -8,9 +8,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,17 +66,19 @@ def test_submitit_local_gives_the_local_rows(fbh_env, local_rows, tmp_path):
     assert len(list((tmp_path / "submitit").glob("*_log.out"))) == 2
 
 
-def test_submit_cli_takes_an_executor(fbh_env, tmp_path):
+def test_submit_cli_takes_an_executor(fbh_env, local_rows, tmp_path):
     pytest.importorskip("submitit")
     from harness.cli import main
     db = tmp_path / "cli.duckdb"
+    shutil.copy(fbh_env / "exec-local.duckdb", db)  # references stored; --force reruns only the submission
     res = CliRunner().invoke(main, ["submit", str(REPO / "submissions" / "simple_average.yaml"), "--db", str(db),
-                                    "--executor", "submitit-local", "--jobs-per-task", "8",
+                                    "--force", "--executor", "submitit-local", "--jobs-per-task", "8",
                                     "--submitit-folder", str(tmp_path / "logs"), "--quiet"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
     statuses = sorted(line.split()[0] for line in res.output.splitlines() if line.strip())
-    assert statuses == ["ok"] * 5
+    assert statuses == ["cached"] * 3 + ["ok"] * 2
+    assert len(list((tmp_path / "logs").glob("*_log.out"))) == 1
     assert {r["device"].split(":")[0] for r in Store(db).query("SELECT device FROM runs WHERE kind != 'published'")} \
         == {"cpu"}
     bad = CliRunner().invoke(main, ["submit", str(REPO / "submissions" / "simple_average.yaml"), "--db", str(db),
@@ -88,12 +87,6 @@ def test_submit_cli_takes_an_executor(fbh_env, tmp_path):
 
 
 # ----------------------------------------------------------------------------- Ray
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _processes_under(marker: str) -> set[int]:
     """Pids whose command line names our cluster's temp dir, plus all their descendants."""
@@ -119,34 +112,40 @@ def _processes_under(marker: str) -> set[int]:
 
 @pytest.fixture()
 def loopback_ray_cluster(monkeypatch):
-    """A head and a worker node on 127.0.0.1 only, each with one CPU; killed by pid afterwards."""
+    """A head and a worker node (one CPU each) bound to 127.0.0.1, shut down afterwards.
+
+    Ray's own multi-node test cluster (ray.cluster_utils.Cluster): `ray start` refuses a
+    second node on a loopback-only host, and otherwise binds the host's routable address.
+    """
     pytest.importorskip("ray")
-    ray_cli = Path(sys.executable).parent / "ray"
+    from ray.cluster_utils import Cluster
     temp = tempfile.mkdtemp(prefix="fbhray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # Ray swaps 127.0.0.1 for the host's routable address unless told it is a single-host cluster.
+    # Keeps the driver's own address on loopback too (Ray otherwise picks the routable one).
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    port = _free_port()
-    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp}"]
+    monkeypatch.setenv("RAY_TMPDIR", temp)  # where Ray writes the current cluster's address
+    node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": temp}
+    cluster = None
     try:
-        subprocess.run([str(ray_cli), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                        "--ray-client-server-port", str(_free_port()), *common],
-                       check=True, timeout=180, capture_output=True)
-        subprocess.run([str(ray_cli), "start", f"--address=127.0.0.1:{port}", *common],
-                       check=True, timeout=180, capture_output=True)
-        yield f"127.0.0.1:{port}"
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False},
+                          shutdown_at_exit=False)
+        cluster.add_node(**node)
+        yield cluster.address
     finally:
-        pids = _processes_under(temp)
+        if cluster is not None:
+            cluster.shutdown()
+        _kill(_processes_under(temp))  # anything the shutdown left behind, by pid
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill(pids: set[int]) -> None:
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 0)):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
             time.sleep(0.5)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_ray_cluster_gives_the_local_rows(fbh_env, local_rows, loopback_ray_cluster):
