@@ -138,7 +138,8 @@ def tier_suites(tier: str) -> list[str]:
             spec, path = find_suite(name)
         except FbhError:
             continue  # reported by validation when the change touches it
-        if spec.family.zoo is not None if tier == "cpu" else availability(spec, path)[0] == "available":
+        builds_offline = spec.family.zoo is not None
+        if builds_offline if tier == "cpu" else availability(spec, path)[0] == "available":
             names.append(name)
     return names
 
@@ -150,6 +151,8 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
     from harness.runner import local_executor, submit
     from harness.spec import load_submission
     from harness.validate import validate_file
+    if tier not in TIERS:
+        raise FbhError(f"unknown tier '{tier}'", field="--tier", fix=f"use one of: {', '.join(TIERS)}")
     changed = changed_files(base)
     result = CiResult(base=base, head=_git("rev-parse", "--short", "HEAD").strip(), tier=tier, changed=changed)
     result.file_checks += check_method_files(changed)

@@ -117,13 +117,17 @@ def loopback_ray_cluster(monkeypatch):
     Ray's own multi-node test cluster (ray.cluster_utils.Cluster): `ray start` refuses a
     second node on a loopback-only host, and otherwise binds the host's routable address.
     """
-    pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
     temp = tempfile.mkdtemp(prefix="fbhray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    # Keeps the driver's own address on loopback too (Ray otherwise picks the routable one).
+    # Ray rewrites 127.0.0.1 to the host's routable address unless it believes it is a
+    # single-host cluster; the flag is read when Ray is imported, so set both.
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    pytest.importorskip("ray")
+    from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.setenv("RAY_TMPDIR", temp)  # where Ray writes the current cluster's address
+    (Path(temp) / "ray").mkdir()
     node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": temp}
     cluster = None
     try:
