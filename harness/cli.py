@@ -60,11 +60,31 @@ def main():
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="recompute runs even if an identical run is stored")
 @click.option("--quiet", is_flag=True, help="print only the summary")
-def submit(submission, suites, db, device, force, quiet):
+@click.option("--executor", type=click.Choice(["local", "ray", "slurm", "submitit-local"]), default="local",
+              show_default=True, help="where jobs run; results always come back to this process's database")
+@click.option("--address", default=None, help="Ray cluster address HOST:PORT (--executor ray)")
+@click.option("--jobs-per-task", type=click.IntRange(1), default=1, show_default=True,
+              help="jobs run in one Slurm / submitit task (amortizes model loading)")
+@click.option("--submitit-folder", type=click.Path(path_type=Path), default=Path(".fbh/submitit"),
+              show_default=True, help="where submitit keeps pickled jobs and logs (shared by the nodes)")
+@click.option("--slurm-partition", default=None, help="Slurm partition")
+@click.option("--gpus-per-task", type=click.IntRange(0), default=None, help="GPUs per Slurm task")
+@click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="CPUs per Slurm / submitit task")
+@click.option("--timeout-min", type=click.IntRange(1), default=60, show_default=True,
+              help="wall-time limit of a Slurm / submitit task, minutes")
+def submit(submission, suites, db, device, force, quiet, executor, address, jobs_per_task, submitit_folder,
+           slurm_partition, gpus_per_task, cpus_per_task, timeout_min):
     """Fuse and evaluate SUBMISSION (a submissions/*.yaml file) and store the runs."""
+    from harness.executors import make_executor
     from harness.runner import submit as run_submit
+    if executor == "ray" and not address:
+        raise FbhError("--executor ray needs the cluster's address", field="--address",
+                       fix="start one with `ray start --head` and pass --address HOST:PORT")
+    run_on = make_executor(executor, address=address, folder=submitit_folder, jobs_per_task=jobs_per_task,
+                           slurm={"slurm_partition": slurm_partition, "gpus_per_node": gpus_per_task,
+                                  "cpus_per_task": cpus_per_task, "timeout_min": timeout_min})
     report = run_submit(submission, suites=list(suites) or None, db=db, device=device,
-                        progress=progress_printer(quiet), force=force)
+                        progress=progress_printer(quiet), force=force, executor=run_on)
     for o in report.outcomes:
         score = f"{o.mean:6.2f}" if o.mean is not None else "      "
         click.echo(f"{o.status:7s} {o.suite:18s} {o.setting:24s} {o.label:28s} {score}"
@@ -144,6 +164,29 @@ def validate(files):
             click.echo(f"error: {exc.render()}", err=True)
     if bad:
         sys.exit(2)
+
+
+@main.command()
+@click.option("--base", required=True, help="git ref the change is compared with, e.g. origin/main")
+@click.option("--tier", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="cpu: suites whose zoo builds offline (tiny-vision); gpu: every available suite")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=Path(".fbh/ci-report.md"),
+              show_default=True, help="where to write the Markdown report")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+@click.option("--quiet", is_flag=True, help="print only the report")
+def ci(base, tier, report_path, db, quiet):
+    """Validate and evaluate the methods and submissions changed since BASE; exit 1 if any failed."""
+    from harness.ci import render, run_ci
+    from harness.paths import default_db
+    from harness.store import Store
+    path = db or default_db()
+    result = run_ci(base, tier=tier, db=path, progress=progress_printer(quiet))
+    text = render(result, Store(path))
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text)
+    click.echo(text)
+    if result.failed:
+        sys.exit(1)
 
 
 @main.group()

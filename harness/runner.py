@@ -323,5 +323,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         store_published(store, spec, file)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in cached]
     if todo:
-        report.outcomes += run_jobs(store, todo, str(pick_device(device)), progress, executor)
+        # A remote executor decides 'auto' on its workers' hardware, not the driver's.
+        dev = device if getattr(executor, "resolves_device", False) else str(pick_device(device))
+        report.outcomes += run_jobs(store, todo, dev, progress, executor)
     return report

@@ -1,0 +1,250 @@
+"""`fbh ci`: evaluate what a pull request adds or changes, and write a Markdown report.
+
+The diff `git diff BASE...HEAD` of the checkout fbh runs from (harness.paths.REPO_ROOT,
+whose methods/ is what the registry imports) decides what is affected:
+  * a changed submissions/*.yaml is validated and run;
+  * a changed methods/*.py is imported, and every submission using a method it defines runs;
+  * a change under harness/ re-keys every result, so every submission runs;
+  * a changed suites/*.yaml is validated.
+Tiers pick the suites: `cpu` runs every suite whose zoo fbh builds offline (tiny-vision),
+`gpu` runs each submission's suites (else all) among those whose models are available.
+The report compares each submission with the references and with the suite's best
+other submission in the same database; the exit status is non-zero when anything failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from harness.errors import FbhError
+from harness.paths import REPO_ROOT
+
+Progress = Callable[[str], None]
+TIERS = ("cpu", "gpu")
+
+
+@dataclass
+class SubmissionResult:
+    path: str
+    name: str | None = None
+    method: str | None = None
+    reason: str = ""
+    suites: list[str] = field(default_factory=list)
+    outcomes: list = field(default_factory=list)     # runner.Outcome
+    error: str | None = None                         # validation or planning error
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or any(o.status == "failed" for o in self.outcomes)
+
+
+@dataclass
+class CiResult:
+    base: str
+    head: str
+    tier: str
+    changed: list[str]
+    file_checks: list[tuple[str, str, str | None]] = field(default_factory=list)  # (file, kind, error)
+    submissions: list[SubmissionResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(err for _, _, err in self.file_checks) or any(s.failed for s in self.submissions)
+
+
+# ----------------------------------------------------------------------------- git
+
+def _git(*args: str, repo: Path = REPO_ROOT) -> str:
+    proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise FbhError(f"git {' '.join(args)} failed: {proc.stderr.strip()[:300]}", field="--base",
+                       fix="run fbh ci from a git checkout, and fetch the base first "
+                           "(e.g. `git fetch origin main`; actions/checkout needs fetch-depth: 0)")
+    return proc.stdout
+
+
+def changed_files(base: str, repo: Path = REPO_ROOT) -> list[str]:
+    """Files added, copied, modified or renamed on HEAD since its merge base with `base`."""
+    _git("rev-parse", "--verify", f"{base}^{{commit}}", repo=repo)
+    out = _git("diff", "--name-only", "--diff-filter=ACMR", f"{base}...HEAD", repo=repo)
+    return sorted(line for line in out.splitlines() if line.strip())
+
+
+# ----------------------------------------------------------------------------- what is affected
+
+def _rel(path: Path) -> str:
+    return path.resolve().relative_to(REPO_ROOT).as_posix()
+
+
+def check_method_files(changed: list[str]) -> list[tuple[str, str, str | None]]:
+    """Import each changed method module, so a broken one fails CI with its own error."""
+    checks = []
+    for rel in changed:
+        if rel.startswith("methods/") and rel.endswith(".py") and not Path(rel).name.startswith("_"):
+            try:
+                importlib.import_module(f"methods.{Path(rel).stem}")
+                checks.append((rel, "method", None))
+            except Exception as exc:
+                checks.append((rel, "method", f"{type(exc).__name__}: {exc}"))
+    return checks
+
+
+def check_spec_files(files: list[Path]) -> list[tuple[str, str, str | None]]:
+    from harness.validate import validate_file
+    checks = []
+    for path in files:
+        try:
+            checks.append((_rel(path), validate_file(path), None))
+        except FbhError as exc:
+            checks.append((_rel(path), "submission" if path.parent.name == "submissions" else "suite",
+                           exc.render()))
+    return checks
+
+
+def affected_submissions(changed: list[str]) -> dict[Path, str]:
+    """Submission file -> why it runs."""
+    from harness.planner import method_files
+    from harness.spec import load_submission
+    changed_set = set(changed)
+    methods_changed = {name for name, path in method_files().items() if _rel(path) in changed_set}
+    harness_changed = any(f.startswith("harness/") for f in changed)
+    out: dict[Path, str] = {}
+    for path in sorted((REPO_ROOT / "submissions").glob("*.y*ml")):
+        if _rel(path) in changed_set:
+            out[path] = "submission added or changed"
+            continue
+        try:
+            method = load_submission(path).method
+        except FbhError:
+            continue  # an unchanged broken file is not this change's business
+        if method in methods_changed:
+            out[path] = f"method `{method}` changed"
+        elif harness_changed:
+            out[path] = "harness changed"
+    return out
+
+
+def tier_suites(tier: str) -> list[str]:
+    from harness.planner import find_suite, suite_files
+    from harness.suites import availability
+    names = []
+    for name in suite_files():
+        try:
+            spec, path = find_suite(name)
+        except FbhError:
+            continue  # reported by validation when the change touches it
+        builds_offline = spec.family.zoo is not None
+        if builds_offline if tier == "cpu" else availability(spec, path)[0] == "available":
+            names.append(name)
+    return names
+
+
+# ----------------------------------------------------------------------------- run
+
+def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print, executor=None) -> CiResult:
+    from harness.planner import method_files
+    from harness.runner import local_executor, submit
+    from harness.spec import load_submission
+    from harness.validate import validate_file
+    if tier not in TIERS:
+        raise FbhError(f"unknown tier '{tier}'", field="--tier", fix=f"use one of: {', '.join(TIERS)}")
+    changed = changed_files(base)
+    result = CiResult(base=base, head=_git("rev-parse", "--short", "HEAD").strip(), tier=tier, changed=changed)
+    result.file_checks += check_method_files(changed)
+    result.file_checks += check_spec_files([REPO_ROOT / f for f in changed
+                                            if f.startswith("suites/") and f.endswith((".yaml", ".yml"))])
+    suites = tier_suites(tier)
+    used = set()
+    for path, reason in affected_submissions(changed).items():
+        sub_result = SubmissionResult(path=_rel(path), reason=reason)
+        result.submissions.append(sub_result)
+        try:
+            sub = load_submission(path)
+            sub_result.name, sub_result.method = sub.name, sub.method
+            used.add(sub.method)
+            validate_file(path)
+        except FbhError as exc:
+            sub_result.error = exc.render()
+        if sub_result.path in changed:
+            result.file_checks.append((sub_result.path, "submission", sub_result.error))
+        if sub_result.error:
+            continue
+        sub_result.suites = suites if tier == "cpu" or not sub.suites else [s for s in sub.suites if s in suites]
+        if not sub_result.suites:
+            result.notes.append(f"{sub.name}: no suite of the {tier} tier is runnable here")
+            continue
+        progress(f"ci: {sub.name} ({reason}) on {', '.join(sub_result.suites)}")
+        try:
+            sub_result.outcomes = submit(path, suites=sub_result.suites, db=db, progress=progress,
+                                         device="cpu" if tier == "cpu" else "auto",
+                                         executor=executor or local_executor).outcomes
+        except FbhError as exc:
+            sub_result.error = exc.render()
+    unused = sorted(name for name, p in method_files().items() if _rel(p) in changed and name not in used)
+    result.notes += [f"method `{name}` changed but no submission uses it: add a submissions/*.yaml with "
+                     f"`method: {name}` to evaluate it" for name in unused]
+    return result
+
+
+# ----------------------------------------------------------------------------- report
+
+def _cell(v) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def suite_comparison(store, suite: str, submission: str) -> list[str]:
+    """Markdown table: references, this submission, and the best other submission (clean, all tasks)."""
+    from harness.leaderboard import table
+    tasks, entries = table(store, suite)
+    mine = next((e for e in entries if e.kind == "submission" and e.label == submission), None)
+    if mine is None:
+        return ["_no stored result on this suite_"]
+    others = [e for e in entries if e.kind == "submission" and e.label != submission]
+    rows = [(e.label, e) for e in entries if e.kind == "reference"] + [(f"**{submission}** (this PR)", mine)]
+    rows += [(f"leader: {others[0].label}", others[0])] if others else []
+    lines = ["| | " + " | ".join(tasks) + " | average | normalized |", "|---" * (len(tasks) + 3) + "|"]
+    lines += [f"| {label} | " + " | ".join(_cell(e.scores.get(t)) for t in tasks)
+              + f" | {_cell(e.average)} | {_cell(e.normalized)} |" for label, e in rows]
+    ranked = [e for e in entries if e.kind == "submission"]
+    lines.append("")
+    lines.append(f"Rank {ranked.index(mine) + 1} of {len(ranked)} submissions in this database"
+                 + ("" if others else " (no other submission stored to compare with)") + ".")
+    return lines
+
+
+def render(result: CiResult, store) -> str:
+    verdict = "FAILED" if result.failed else "passed"
+    out = [f"# fbh CI: {verdict}", "",
+           f"Base `{result.base}`, head `{result.head}`, tier `{result.tier}`; "
+           f"{len(result.changed)} changed file(s).", ""]
+    if not result.changed:
+        out += ["Nothing changed since the base: nothing to evaluate.", ""]
+    if result.file_checks:
+        out += ["## Validation", "", "| file | kind | result |", "|---|---|---|"]
+        out += [f"| `{f}` | {kind} | {'ok' if err is None else 'error: ' + _one_line(err)} |"
+                for f, kind, err in result.file_checks]
+        out.append("")
+    for sub in result.submissions:
+        out += [f"## {sub.name or sub.path}" + (f" (method `{sub.method}`)" if sub.method else ""), "",
+                f"`{sub.path}`: {sub.reason}.", ""]
+        if sub.error:
+            out += ["**Error:**", "", "```", sub.error, "```", ""]
+            continue
+        for suite in sub.suites:
+            out += [f"### {suite}", "", *suite_comparison(store, suite, sub.name), ""]
+            runs = [o for o in sub.outcomes if o.suite == suite and o.label == sub.name]
+            out += ["| setting | status | mean clean accuracy (seen tasks) | error |", "|---|---|---|---|"]
+            out += [f"| {o.setting} | {o.status} | {_cell(o.mean)} | {_one_line(o.error or '')} |" for o in runs]
+            out.append("")
+    if result.notes:
+        out += ["## Notes", "", *[f"- {n}" for n in result.notes], ""]
+    return "\n".join(out)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")[:500]
