@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
@@ -59,7 +60,7 @@ def as_predictor(fused, family: Family) -> Predictor:
         return Predictor([m.eval() for m in members], weights, fused.reduce)
     if isinstance(fused, nn.Module):
         return Predictor([fused.eval()])
-    if isinstance(fused, dict):
+    if isinstance(fused, Mapping):  # a dict, or a streaming harness.pool.LazyStateDict
         check_state(fused)
         return Predictor([family.build(fused)])
     raise TypeError(f"a method must return a state dict, an nn.Module or an Ensemble, not {type(fused).__name__}")

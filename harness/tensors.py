@@ -44,6 +44,16 @@ def stack(states: Sequence[StateDict], key: str) -> Tensor:
     return torch.stack([s[key].float() for s in states])
 
 
+def mean(states: Sequence[StateDict], key: str) -> Tensor:
+    """The float32 mean of one entry over several state dicts, accumulated in place one
+    state at a time: with streaming states only one input tensor is held at once, and no
+    [N, ...] stack is built (the same summation order as FusionBench's state_dict_add)."""
+    total = states[0][key].float().clone()
+    for s in states[1:]:
+        total.add_(s[key].to(total.device))
+    return total.div_(len(states))
+
+
 def check_compatible(base: StateDict, experts: Iterable[StateDict]) -> None:
     for i, e in enumerate(experts):
         if e.keys() != base.keys():

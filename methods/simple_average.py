@@ -4,14 +4,12 @@ Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models
 improves accuracy without increasing inference time", ICML 2022. arXiv:2203.05482
 """
 
-import torch
-
 from harness.api import FusionContext, method
 from harness.registry import NoParams
-from harness.tensors import map_entries, stack
+from harness.tensors import map_entries, mean
 
 
 @method("simple_average", params=NoParams, category="merging")
 def simple_average(ctx: FusionContext, params: NoParams):
     experts = ctx.experts
-    return map_entries(ctx.base, lambda k, _: stack(experts, k).mean(dim=0))
+    return map_entries(ctx.base, lambda k, _: mean(experts, k))

@@ -25,6 +25,7 @@ from harness.corruptions import corrupt
 from harness.errors import FbhError, SuiteUnavailable
 from harness.families.common import cached_tensors, load_pretrained, load_split
 from harness.paths import cache_dir
+from harness.pool import LazyStateDict, read_header, safetensors_files
 from harness.sources import Resolver
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
@@ -57,10 +58,29 @@ class ClipVisionFamily:
         return self._template
 
     def load_state(self, ref: str, field: str) -> StateDict:
+        """A streaming state dict when the checkpoint's entries are the model's (zoo and
+        save_pretrained vision towers); otherwise the model loaded by transformers."""
+        lazy = self._lazy_state(self.resolve(ref, field))
+        if lazy is not None:
+            return lazy
         return {k: v.detach() for k, v in self._from_pretrained(ref, field).state_dict().items()}
 
+    def _lazy_state(self, resolved: str) -> LazyStateDict | None:
+        if not Path(resolved).is_dir():  # a hub id: transformers resolves it (and its revision)
+            return None
+        files = safetensors_files(resolved)
+        if files is None:
+            return None
+        expected = self.template().state_dict()
+        found = {}
+        for f in files:
+            found.update(read_header(f))
+        if found.keys() != expected.keys() or any(found[k].shape != tuple(v.shape) for k, v in expected.items()):
+            return None  # e.g. a full CLIPModel checkpoint: its prefixed keys need transformers' loader
+        return LazyStateDict(files, keys=list(expected), dtypes={k: v.dtype for k, v in expected.items()})
+
     def base_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+        return self.load_state(self.suite.family.base, "family.base")
 
     def expert_state(self, task: str) -> StateDict:
         return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")

@@ -1,0 +1,142 @@
+"""Streaming state dicts: read one tensor at a time from safetensors files.
+
+A `LazyStateDict` is a read-only Mapping over one or more .safetensors files that reads
+a tensor from disk on every access and keeps nothing. A merge written entry by entry
+(harness.tensors.map_entries over ctx.base, reading e[key] of each expert) therefore
+holds one tensor per expert plus its output, so its peak memory does not grow with the
+number of experts.
+
+Why not safetensors.safe_open: its tensors are views of a private mmap of the whole
+file, and every page a merge touches stays mapped (and counted as resident) until the
+file is closed, so resident memory grows with the number of experts. Here each tensor is
+read with one positioned read into a fresh buffer: one copy from the page cache, the
+same cost as reading the bytes at all. The file layout is safetensors' documented
+format: an 8-byte little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int      # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: str | Path) -> dict[str, Entry]:
+    """Tensor name -> where its bytes lie, from one safetensors file's header."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        out[name] = Entry(str(path), SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + size + begin,
+                          end - begin)
+    return out
+
+
+def read_tensor(entry: Entry) -> Tensor:
+    """One tensor, read into a fresh (writable, unshared) buffer."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    with open(entry.path, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        done = 0
+        while done < entry.nbytes:  # a single read returns at most ~2 GiB on Linux
+            n = f.readinto(view[done:])
+            if not n:
+                raise OSError(f"{entry.path}: file ends before tensor data at byte {entry.start + done}")
+            done += n
+    if entry.dtype == torch.uint8:
+        return buf.reshape(entry.shape)
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path] | None:
+    """The weight files of a save_pretrained folder (single or sharded), or None if it has none."""
+    d = Path(model_dir)
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / s for s in shards]
+    return None
+
+
+class LazyStateDict(Mapping[str, Tensor]):
+    """A read-only state dict whose tensors are read from safetensors files on each access.
+
+    keys: the entries and their order (default: the files' order); every key must be in
+    the files. dtypes: per-key dtype to cast to on access (so a lazy checkpoint matches a
+    model loaded in another dtype). device: where returned tensors live.
+    """
+
+    def __init__(self, files: list[str | Path] | str | Path, keys: list[str] | None = None,
+                 dtypes: Mapping[str, torch.dtype] | None = None, device: torch.device | str = "cpu"):
+        files = [files] if isinstance(files, (str, Path)) else list(files)
+        index: dict[str, Entry] = {}
+        for f in files:
+            index.update(read_header(f))
+        if keys is not None:
+            missing = [k for k in keys if k not in index]
+            if missing:
+                raise KeyError(f"entries {missing[:3]} are not in {[str(f) for f in files]}")
+            index = {k: index[k] for k in keys}
+        self._index = index
+        self._dtypes = dict(dtypes or {})
+        self.device = torch.device(device)
+
+    def __getitem__(self, key: str) -> Tensor:
+        t = read_tensor(self._index[key])
+        dtype = self._dtypes.get(key, t.dtype)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(device=self.device, dtype=dtype, non_blocking=self.device.type == "cuda")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._index[key].shape
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._index.values())
+
+    def copy(self) -> dict[str, Tensor]:
+        """A materialised plain dict (what dict.copy() gives for an eager state dict)."""
+        return dict(self.items())
+
+    def __repr__(self) -> str:
+        files = sorted({e.path for e in self._index.values()})
+        return f"LazyStateDict({len(self)} tensors from {files})"
