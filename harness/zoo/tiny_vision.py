@@ -29,8 +29,8 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "n_train": 1000,
     "n_validation": 200,
     "n_test": 500,
-    "hidden_size": 64,
-    "num_layers": 4,
+    "hidden_size": 128,
+    "num_layers": 2,
     "num_heads": 4,
     "patch_size": 8,
     "pretrain_steps": 600,
@@ -42,7 +42,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "finetune_batch": 32,
     "mtl_steps": 800,
     "head_examples": 400,
-    "logit_scale": 20.0,
+    "logit_scale": 60.0,
     "weight_decay": 0.0,
 }
 
