@@ -62,6 +62,11 @@ class FlanT5Family:
         if self._adapter_config(ref) is None:
             return {k: v.detach() for k, v in self._dense(ref, field).state_dict().items()}
         from peft import PeftModel
+        resolved = Path(self.resolve(ref, field))
+        if not self.suite.family.allow_pickle and resolved.exists() \
+                and not (resolved / "adapter_model.safetensors").is_file():
+            raise SuiteUnavailable(f"LoRA adapter '{ref}' has no adapter_model.safetensors", file=str(self.suite_file),
+                                   field=field, fix="convert it to safetensors, or set family.allow_pickle: true")
         try:
             adapted = PeftModel.from_pretrained(copy.deepcopy(self.template()), self.resolve(ref, field),
                                                 revision=self.suite.family.revision)
