@@ -25,7 +25,7 @@ def small_suite_spec(name: str = "tiny-small") -> dict:
         "default": True,
         "family": {
             "kind": "clip_vision",
-            "zoo": {"builder": "tiny_vision", "recipe": SMALL_RECIPE},
+            "zoo": {"builder": "tiny_vision", "recipe": dict(SMALL_RECIPE)},  # a copy: tests mutate specs
             "base": "zoo://pretrained",
             "heads": "zoo://heads.safetensors",
             "experts": {t: f"zoo://experts/{t}" for t in SMALL_TASKS},
