@@ -118,7 +118,7 @@ def test_zoo_checkpoints_stream_and_match_transformers(fbh_env):
     task = handle.spec.task_names[0]
     lazy = family.expert_state(task)
     assert isinstance(lazy, LazyStateDict)
-    model = family._from_pretrained(family.suite.family.experts[task], "x")
+    model = family.load_model(family.suite.family.experts[task], "x")
     eager = model.state_dict()
     assert list(lazy) == list(eager)
     assert all(torch.equal(lazy[k], v) for k, v in eager.items())

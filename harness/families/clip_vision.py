@@ -8,7 +8,6 @@ logits = logit_scale * normalize(projection(pooled)) @ head.T.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -23,39 +22,29 @@ from torch import Tensor, nn
 
 from harness.corruptions import corrupt
 from harness.errors import FbhError, SuiteUnavailable
-from harness.families.common import cached_tensors, load_pretrained, load_split
+from harness.families.common import FamilyBase, cached_tensors, load_pretrained, load_split
 from harness.paths import cache_dir
 from harness.pool import LazyStateDict, read_header, safetensors_files
-from harness.sources import Resolver
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
 
 ZERO_SHOT = "zero_shot"  # family.heads value: compute heads from the base CLIPModel's text tower
 
 
-class ClipVisionFamily:
+class ClipVisionFamily(FamilyBase):
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
-        self.suite = suite
-        self.suite_file = suite_file
-        self.resolve = Resolver(suite_file, zoo_dir)
-        self.device = device
-        self._template: nn.Module | None = None
+        super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, Tensor] | None = None
         self._projection: Tensor | None = None
         self._scale = 100.0
         self._processor = None
 
     # -- models ------------------------------------------------------------------
-    def _from_pretrained(self, ref: str, field: str) -> nn.Module:
+    def load_model(self, ref: str, field: str) -> nn.Module:
         from transformers import CLIPVisionModel
         # CLIPVisionModel loads the vision tower of a full CLIPModel checkpoint too (openai/clip-vit-*).
         return load_pretrained(CLIPVisionModel.from_pretrained, self.suite, self.suite_file, self.resolve,
                                ref, field).eval()
-
-    def template(self) -> nn.Module:
-        if self._template is None:
-            self._template = self._from_pretrained(self.suite.family.base, "family.base")
-        return self._template
 
     def load_state(self, ref: str, field: str) -> StateDict:
         """A streaming state dict when the checkpoint's entries are the model's (zoo and
@@ -63,7 +52,7 @@ class ClipVisionFamily:
         lazy = self._lazy_state(self.resolve(ref, field))
         if lazy is not None:
             return lazy
-        return {k: v.detach() for k, v in self._from_pretrained(ref, field).state_dict().items()}
+        return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
 
     def _lazy_state(self, resolved: str) -> LazyStateDict | None:
         if not Path(resolved).is_dir():  # a hub id: transformers resolves it (and its revision)
@@ -84,11 +73,6 @@ class ClipVisionFamily:
 
     def expert_state(self, task: str) -> StateDict:
         return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")
-
-    def build(self, state: StateDict) -> nn.Module:
-        model = copy.deepcopy(self.template())
-        model.load_state_dict(state, strict=True)
-        return model.to(self.device).eval()
 
     # -- heads -------------------------------------------------------------------
     def _load_heads(self) -> None:

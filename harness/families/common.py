@@ -4,6 +4,7 @@ eval-tensor cache, and packing tokenised text into one tensor."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -17,6 +18,32 @@ from harness.errors import FbhError, SuiteUnavailable
 from harness.paths import cache_dir
 from harness.sources import Resolver
 from harness.spec import SuiteSpec
+
+class FamilyBase:
+    """The plumbing every family shares: the suite, its resolver and device, a template model of the
+    base architecture loaded once, and building a runnable model from a state dict of it."""
+
+    def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
+        self.suite = suite
+        self.suite_file = suite_file
+        self.resolve = Resolver(suite_file, zoo_dir)
+        self.device = device
+        self._template = None
+
+    def load_model(self, ref: str, field: str):
+        """The model of the fused (base) architecture at ref; each family says how to load it."""
+        raise NotImplementedError
+
+    def template(self):
+        if self._template is None:
+            self._template = self.load_model(self.suite.family.base, "family.base")
+        return self._template
+
+    def build(self, state):
+        model = copy.deepcopy(self.template())
+        model.load_state_dict(state, strict=True)
+        return model.to(self.device).eval()
+
 
 HUB_FIX = "download it to the HF cache (see README, 'Real suites'), or point the suite at a local copy"
 

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
-from harness.families.common import (HUB_FIX, load_cached, load_pretrained, load_split, pack_text,
+from harness.families.common import (FamilyBase, HUB_FIX, load_cached, load_pretrained, load_split, pack_text,
                                      refuse_corruption, unpack_text)
-from harness.sources import Resolver
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
 
@@ -27,25 +26,16 @@ MAX_LENGTH = 512
 GENERATION_MAX_LENGTH = 10  # FusionBench: model.generate(input_ids, max_length=10), decoder start included
 
 
-class FlanT5Family:
+class FlanT5Family(FamilyBase):
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
-        self.suite = suite
-        self.suite_file = suite_file
-        self.resolve = Resolver(suite_file, zoo_dir)
-        self.device = device
-        self._template: nn.Module | None = None
+        super().__init__(suite, suite_file, zoo_dir, device)
         self._tokenizer = None
 
     # -- models ------------------------------------------------------------------
-    def _dense(self, ref: str, field: str) -> nn.Module:
+    def load_model(self, ref: str, field: str) -> nn.Module:
         from transformers import AutoModelForSeq2SeqLM
         return load_pretrained(AutoModelForSeq2SeqLM.from_pretrained, self.suite, self.suite_file, self.resolve,
                                ref, field).eval()
-
-    def template(self) -> nn.Module:
-        if self._template is None:
-            self._template = self._dense(self.suite.family.base, "family.base")
-        return self._template
 
     def _adapter_config(self, ref: str):
         """The LoRA adapter's config if ref is a peft adapter (adapter_config.json), else None."""
@@ -60,7 +50,7 @@ class FlanT5Family:
 
     def load_state(self, ref: str, field: str) -> StateDict:
         if self._adapter_config(ref) is None:
-            return {k: v.detach() for k, v in self._dense(ref, field).state_dict().items()}
+            return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
         from peft import PeftModel
         resolved = Path(self.resolve(ref, field))
         if not self.suite.family.allow_pickle and resolved.exists() \
@@ -81,11 +71,6 @@ class FlanT5Family:
 
     def expert_state(self, task: str) -> StateDict:
         return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")
-
-    def build(self, state: StateDict) -> nn.Module:
-        model = copy.deepcopy(self.template())
-        model.load_state_dict(state, strict=True)
-        return model.to(self.device).eval()
 
     # -- outputs -----------------------------------------------------------------
     def _start(self, model: nn.Module, n: int) -> Tensor:

@@ -7,28 +7,22 @@ applied to the hidden state of the last non-padding token, as the transformers c
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from harness.families.common import (load_cached, load_pretrained, load_split, pack_text, refuse_corruption,
+from harness.families.common import (FamilyBase, load_cached, load_pretrained, load_split, pack_text, refuse_corruption,
                                      text_columns, unpack_text)
-from harness.sources import Resolver
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
 
 MAX_LENGTH = 512  # FusionBench sets tokenizer.model_max_length = 512 for GPT-2 on GLUE
 
 
-class Gpt2ClassificationFamily:
+class Gpt2ClassificationFamily(FamilyBase):
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
-        self.suite = suite
-        self.suite_file = suite_file
-        self.resolve = Resolver(suite_file, zoo_dir)
-        self.device = device
-        self._template: nn.Module | None = None
+        super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, Tensor] = {}
         self._tokenizer = None
 
@@ -36,18 +30,15 @@ class Gpt2ClassificationFamily:
     def _load(self, loader, ref: str, field: str) -> nn.Module:
         return load_pretrained(loader, self.suite, self.suite_file, self.resolve, ref, field).eval()
 
-    def template(self) -> nn.Module:
+    def load_model(self, ref: str, field: str) -> nn.Module:
         from transformers import GPT2Model
-        if self._template is None:
-            self._template = self._load(GPT2Model.from_pretrained, self.suite.family.base, "family.base")
-        return self._template
+        return self._load(GPT2Model.from_pretrained, ref, field)
 
     def base_state(self) -> StateDict:
         return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
 
     def load_state(self, ref: str, field: str) -> StateDict:
-        from transformers import GPT2Model
-        return {k: v.detach() for k, v in self._load(GPT2Model.from_pretrained, ref, field).state_dict().items()}
+        return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
 
     def expert_state(self, task: str) -> StateDict:
         from transformers import GPT2ForSequenceClassification
@@ -55,11 +46,6 @@ class Gpt2ClassificationFamily:
                                 f"family.experts.{task}")
         self._heads[task] = classifier.score.weight.detach().float()
         return {k: v.detach() for k, v in classifier.transformer.state_dict().items()}
-
-    def build(self, state: StateDict) -> nn.Module:
-        model = copy.deepcopy(self.template())
-        model.load_state_dict(state, strict=True)
-        return model.to(self.device).eval()
 
     # -- heads -------------------------------------------------------------------
     def head(self, task: str) -> Tensor:
