@@ -118,25 +118,34 @@ def split_name(family: Family, task: str, role: str) -> str:
 
 
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
-               condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> ResultRow:
+               condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> list[ResultRow]:
+    """One row per metric of the task: its primary metric first, then its extra_metrics."""
     inputs, targets = family.eval_data(task, split_name(family, task, split),
                                        None if condition == "clean" else condition, severity)
     outputs = predict(predictor, family, task, inputs, batch_size)
-    metric = family.suite.task(task).metric
+    spec = family.suite.task(task)
+    where = dict(task=task, task_split=task_split, condition=condition, severity=severity)
     # A corpus-level metric (Spearman, mIoU) comes from the family as a function of an example
     # sample, in reported units; otherwise the metric is the mean of per-example scores, in percent.
     statistic = getattr(family, "statistic", None)
     value_of = statistic(task, outputs, targets) if statistic is not None else None
     if value_of is not None:
-        n = len(targets)
-        value = value_of(torch.arange(n))
-        lo, hi = bootstrap_statistic(value_of, n)
-        return ResultRow(task=task, task_split=task_split, condition=condition, severity=severity,
-                         metric=metric, value=value, n=n, ci_low=lo, ci_high=hi)
-    per_example = family.score(task, outputs, targets)
-    lo, hi = bootstrap_ci(per_example)
-    return ResultRow(task=task, task_split=task_split, condition=condition, severity=severity, metric=metric,
-                     value=100 * float(per_example.mean()), n=len(per_example), ci_low=100 * lo, ci_high=100 * hi)
+        rows = [statistic_row(value_of, len(targets), metric=spec.metric, **where)]
+    else:
+        per_example = family.score(task, outputs, targets)
+        lo, hi = bootstrap_ci(per_example)
+        rows = [ResultRow(metric=spec.metric, value=100 * float(per_example.mean()), n=len(per_example),
+                          ci_low=100 * lo, ci_high=100 * hi, **where)]
+    # Extra metrics (pixel accuracy beside mIoU, ...) come from families that compute several per task.
+    for metric in spec.extra_metrics:
+        rows.append(statistic_row(family.metric_statistic(task, metric, outputs, targets), len(targets),
+                                  metric=metric, **where))
+    return rows
+
+
+def statistic_row(value_of, n: int, **fields) -> ResultRow:
+    lo, hi = bootstrap_statistic(value_of, n)
+    return ResultRow(value=value_of(torch.arange(n)), n=n, ci_low=lo, ci_high=hi, **fields)
 
 
 def bootstrap_statistic(value_of, n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -160,10 +169,10 @@ def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, st
     rows = []
     tasks = list(tasks)
     for task, task_split in tasks:
-        rows.append(score_task(predictor, family, task, split=split, task_split=task_split, batch_size=batch_size))
+        rows += score_task(predictor, family, task, split=split, task_split=task_split, batch_size=batch_size)
     for c in corruptions:
         for task, task_split in tasks:
             if c.tasks is None or task in c.tasks:
-                rows.append(score_task(predictor, family, task, split=split, task_split=task_split,
-                                       condition=c.name, severity=c.severity, batch_size=batch_size))
+                rows += score_task(predictor, family, task, split=split, task_split=task_split,
+                                   condition=c.name, severity=c.severity, batch_size=batch_size)
     return rows

@@ -7,6 +7,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 
+from harness.spec import higher_is_better
 from harness.store import Store
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
@@ -47,45 +48,77 @@ def suite_tasks(store: Store, suite: str) -> list[str]:
     return json.loads(rows[0]["task_names"]) if rows else []
 
 
+def task_metrics(store: Store, suite: str) -> dict[str, str]:
+    """Task -> its primary metric, from the stored suite spec (accuracy-like when unknown)."""
+    rows = store.query("SELECT spec FROM suites WHERE name = ?", [suite])
+    tasks = json.loads(rows[0]["spec"])["tasks"] if rows else []
+    return {t["name"]: t.get("metric", "accuracy") for t in tasks}
+
+
+def relative_to_stl(metric: str, value: float, stl: float) -> float:
+    """Score as % of the STL expert's: value / STL for scores, STL / value for errors (lower is better),
+    so 100 means 'as good as the expert' and more is better either way."""
+    return (value / stl if higher_is_better(metric) else stl / value) * 100
+
+
 def table(store: Store, suite: str, *, setting: str = "all", condition: str = "clean",
           task_split: str | None = None) -> tuple[list[str], list[Entry]]:
-    """(task columns, entries). Normalized score = mean over tasks of score / STL score (FusionBench)."""
+    """(task columns, entries). A task's column holds its primary metric; extra metrics (pixel accuracy,
+    ...) go to entry.extra['metrics'][task][metric]. Normalized score = mean over tasks of the score as
+    % of the STL score (FusionBench), inverted for errors. The plain average is given only when every
+    task's metric points the same way (all scores, or all errors); otherwise it is None."""
     tasks = suite_tasks(store, suite)
+    primary = task_metrics(store, suite)
     runs = store.query(LATEST_RUNS, [suite, setting])
     if setting != "all":  # references do not depend on the split; take them from 'all'
         runs += [r for r in store.query(LATEST_RUNS, [suite, "all"]) if r["kind"] == "reference"]
     results = store.query(
-        "SELECT run_id, task, task_split, value FROM results WHERE condition = ? AND run_id IN "
+        "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? AND run_id IN "
         f"(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
     by_run: dict[str, dict[str, float]] = {}
+    extras: dict[str, dict[str, dict[str, float]]] = {}
     for r in results:
         if task_split is None or r["task_split"] == task_split:
-            by_run.setdefault(r["run_id"], {})[r["task"]] = r["value"]
+            if r["metric"] == primary.get(r["task"], r["metric"]):
+                by_run.setdefault(r["run_id"], {})[r["task"]] = r["value"]
+            else:
+                extras.setdefault(r["run_id"], {}).setdefault(r["task"], {})[r["metric"]] = r["value"]
     stl = next((by_run.get(r["run_id"], {}) for r in runs if r["label"] == "STL" and r["kind"] == "reference"), {})
+    directions = {higher_is_better(primary.get(t, "accuracy")) for t in tasks}
+    ascending = directions == {False}  # a suite of errors only ranks its lowest average first
     entries = []
     for r in runs:
         scores = by_run.get(r["run_id"], {})
         if not scores:
             continue
         cols = [t for t in tasks if t in scores]
-        norm = _mean([scores[t] / stl[t] * 100 for t in cols if stl.get(t)])
+        norm = _mean([relative_to_stl(primary.get(t, "accuracy"), scores[t], stl[t]) for t in cols
+                      if stl.get(t) and (scores[t] or higher_is_better(primary.get(t, "accuracy")))])
+        average = _mean([scores[t] for t in cols]) if len(directions) == 1 else None
         entries.append(Entry(kind=r["kind"], label=r["label"], run_id=r["run_id"], method=r["method"],
-                             scores=scores, average=_mean([scores[t] for t in cols]), normalized=norm,
+                             scores=scores, average=average, normalized=norm,
                              data_access=r["data_access"], output_kind=r["output_kind"],
                              n_parameters=r["n_parameters"], fusion_seconds=r["fusion_seconds"],
-                             peak_memory_bytes=r["peak_memory_bytes"], source=r["source"]))
+                             peak_memory_bytes=r["peak_memory_bytes"], source=r["source"],
+                             extra={"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}))
     kind_rank = {"reference": 0, "published": 1, "submission": 2}
-    entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), REFERENCE_ORDER.get(e.label, 9),
-                                -(e.average if e.average is not None else -1e9), e.label))
+    def rank(e: Entry) -> float:
+        if len(directions) > 1:  # mixed scores and errors: rank by the normalized score
+            return -(e.normalized if e.normalized is not None else -1e9)
+        return (e.average if e.average is not None else 1e9) if ascending \
+            else -(e.average if e.average is not None else -1e9)
+    entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), REFERENCE_ORDER.get(e.label, 9), rank(e), e.label))
     return tasks, entries
 
 
 def render(tasks: list[str], entries: list[Entry], fmt: str) -> str:
     if fmt == "json":
         return json.dumps({"tasks": tasks, "entries": [asdict(e) for e in entries]}, indent=2, default=str)
-    header = ["kind", "label", *tasks, "average", "normalized"]
-    rows = [[e.kind, e.label, *[_fmt(e.scores.get(t)) for t in tasks], _fmt(e.average), _fmt(e.normalized)]
-            for e in entries]
+    extra = extra_columns(entries)
+    header = ["kind", "label", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "normalized"]
+    rows = [[e.kind, e.label, *[_fmt(e.scores.get(t)) for t in tasks],
+             *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
+             _fmt(e.average), _fmt(e.normalized)] for e in entries]
     if fmt == "csv":
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
@@ -94,6 +127,11 @@ def render(tasks: list[str], entries: list[Entry], fmt: str) -> str:
     line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def extra_columns(entries: list[Entry]) -> list[tuple[str, str]]:
+    """(task, metric) of every extra metric some entry has, in first-seen order."""
+    return list(dict.fromkeys((t, m) for e in entries for t, by in e.extra.get("metrics", {}).items() for m in by))
 
 
 def _fmt(v):

@@ -23,7 +23,7 @@ from harness.errors import FbhError, SuiteUnavailable
 from harness.planner import (Job, content_hash, default_suites, find_suite, harness_code_hash, plan,
                              suite_files, settings)  # noqa: F401  (suite_files/settings re-exported)
 from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
-from harness.spec import SubmissionSpec, SuiteSpec, load_submission
+from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
 from harness.store import Run, Store, now
 from harness.suites import require_available
 
@@ -82,6 +82,9 @@ class SubmitReport:
 
 
 def mean_clean(rows: Iterable[dict]) -> float | None:
+    rows = list(rows)
+    if any(not higher_is_better(r["metric"]) for r in rows):
+        return None  # errors (NYUv2 depth, normals) do not average with scores; see the leaderboard
     vals = [r["value"] for r in rows if r["condition"] == "clean" and r["task_split"] == "seen"]
     return sum(vals) / len(vals) if vals else None
 
@@ -244,13 +247,16 @@ def store_published(store: Store, spec: SuiteSpec, file: Path) -> None:
         key = content_hash({"published": row.model_dump(mode="json"), "suite": spec.name})
         if store.completed_run(key):
             continue
-        unknown = sorted(set(row.values) - tasks)
+        unknown = sorted((set(row.values) | set(row.extra_values)) - tasks)
         if unknown:
             raise FbhError(f"published row '{row.label}' names unknown tasks {unknown}", file=str(file),
                            field="references.published", fix="use the suite's task names")
         results = [{"task": t, "task_split": "seen", "condition": row.condition, "severity": None,
                     "metric": spec.task(t).metric, "value": v, "n": None, "ci_low": None, "ci_high": None}
                    for t, v in row.values.items()]
+        results += [{"task": t, "task_split": "seen", "condition": row.condition, "severity": None, "metric": m,
+                     "value": v, "n": None, "ci_low": None, "ci_high": None}
+                    for t, by_metric in row.extra_values.items() for m, v in by_metric.items()]
         store.write_run(Run(run_key=key, kind="published", label=row.label, suite=spec.name,
                             setting=row.split or "all", method=row.method, source=row.source,
                             tolerance=row.tolerance, started_at=now(), finished_at=now()), results)

@@ -25,7 +25,7 @@ import jinja2
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import Entry, generalization, robustness
+from harness.leaderboard import Entry, extra_columns, generalization, robustness
 from harness.paths import REPO_ROOT
 from harness.store import Store
 
@@ -192,9 +192,12 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
 # ----------------------------------------------------------------------------- tables of a suite
 
 def leaderboard_table(s: SuitePages) -> Table:
-    columns = [Column("kind"), Column("method"), *[Column(t, True, "accuracy (%)") for t in s.tasks],
-               Column("average", True, "mean over tasks"),
-               Column("normalized", True, "mean of score / STL score x 100 (FusionBench)"),
+    metrics = {t["name"]: t.get("metric", "accuracy") for t in s.spec.get("tasks", [])}
+    extra = extra_columns(s.entries)
+    columns = [Column("kind"), Column("method"), *[Column(t, True, metric_hint(metrics.get(t))) for t in s.tasks],
+               *[Column(f"{t} {m}", True, metric_hint(m)) for t, m in extra],
+               Column("average", True, "mean over tasks (only when every task's metric points the same way)"),
+               Column("normalized", True, "mean of score / STL score x 100 (FusionBench); STL / score for errors"),
                Column("data access"), Column("output"),
                Column("fusion s", True, "wall time of the fusion (and grid search)"),
                Column("peak MiB", True, "peak memory while fusing"),
@@ -203,11 +206,23 @@ def leaderboard_table(s: SuitePages) -> Table:
     def row(e: Entry) -> list[Cell]:
         about = s.submissions.get(e.label, {}).get("description") if e.kind == "submission" else e.source
         return [text(e.kind), text(e.label, s.page(e), about),
-                *[score(e.scores.get(t)) for t in s.tasks], score(e.average), score(e.normalized),
+                *[score(e.scores.get(t)) for t in s.tasks],
+                *[score(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
+                score(e.average), score(e.normalized),
                 text(e.data_access), text(e.output_kind), seconds(e.fusion_seconds),
                 mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
 
     return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))
+
+
+METRIC_HINTS = {"accuracy": "accuracy (%)", "exact_match": "exact match (%)", "spearman": "Spearman rho x 100",
+                "miou": "mean IoU (%)", "pixel_accuracy": "pixel accuracy (%)",
+                "abs_err": "absolute error x 100, lower is better", "rel_err": "relative error x 100, lower is better",
+                "mean_angle": "mean angular error (degrees), lower is better"}
+
+
+def metric_hint(metric: str | None) -> str:
+    return METRIC_HINTS.get(metric or "accuracy", metric or "")
 
 
 def robustness_table(s: SuitePages) -> Table:

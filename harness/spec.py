@@ -42,6 +42,14 @@ class FamilySpec(Strict):
     allow_pickle: bool = Field(False, description="opt in to loading non-safetensors checkpoints")
 
 
+Metric = Literal["accuracy", "exact_match", "spearman", "miou", "pixel_accuracy", "abs_err", "rel_err", "mean_angle"]
+LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mean_angle"})  # errors; every other metric is a score
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
 class TaskSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     dataset: str = Field(description="HuggingFace dataset id, local path, or zoo://path")
@@ -51,12 +59,20 @@ class TaskSpec(Strict):
     split: str = "test"
     validation_split: str | None = "validation"
     train_split: str | None = "train"
-    metric: Literal["accuracy", "exact_match", "spearman", "miou", "pixel_accuracy",
-                    "abs_err", "rel_err", "mean_angle"] = "accuracy"
+    metric: Metric = Field("accuracy", description="the primary metric: the one averages and rankings use")
+    extra_metrics: list[Metric] = Field(default_factory=list,
+                                        description="further metrics stored and shown per task, e.g. pixel accuracy")
     max_examples: int | None = Field(None, gt=0, le=10_000_000)
     classes: list[str] | None = None
     templates: list[str] | None = Field(None, description="prompt templates: CLIP '{c}' for the class name; "
                                                         "text-to-text '{column}' for dataset columns")
+
+    @model_validator(mode="after")
+    def _distinct_metrics(self) -> "TaskSpec":
+        metrics = [self.metric, *self.extra_metrics]
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"task '{self.name}' lists a metric twice in metric + extra_metrics: {metrics}")
+        return self
 
 
 class CorruptionSpec(Strict):
@@ -81,6 +97,8 @@ class PublishedRow(Strict):
     split: str | None = Field(None, description="generalization split name, if the row is for one")
     condition: str = "clean"
     values: dict[str, float]
+    extra_values: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="task -> {extra metric: value}, for tasks with extra_metrics")
 
 
 class ReferencesSpec(Strict):

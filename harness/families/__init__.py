@@ -23,6 +23,7 @@ FAMILIES = {
     "clip_vision": "harness.families.clip_vision:ClipVisionFamily",
     "gpt2_classification": "harness.families.gpt2_classification:Gpt2ClassificationFamily",
     "flan_t5": "harness.families.flan_t5:FlanT5Family",
+    "resnet_nyuv2": "harness.families.resnet_nyuv2:ResnetNyuv2Family",
 }
 
 
@@ -43,6 +44,8 @@ class Family(Protocol):
     #       logits (generated text); combine members with harness.evaluate.combine
     #   statistic(task, outputs, targets) -> (index sample -> value) | None    for corpus-level
     #       metrics (Spearman, mIoU), in reported units; None falls back to the mean of score()
+    #   metric_statistic(task, metric, outputs, targets) -> (index sample -> value)    for a task's
+    #       extra_metrics (pixel accuracy beside mIoU), in reported units
 
 
 def load_family(suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: "torch.device") -> Family:

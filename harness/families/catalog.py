@@ -242,6 +242,52 @@ Layer-wise AdaMerging | 76.7 87.6 84.8 93.8 85.9 88.1 95.2 88.6
 """
 
 
+# ----------------------------------------------------------------------------- NYUv2
+
+# FusionBench's three NYUv2 tasks: (target column, primary metric, extra metrics). FusionBench trains its
+# ResNet-50 experts itself (Lightning checkpoints, not on the hub): convert them and its preprocessed
+# NYUv2 arrays with `python -m harness.families.resnet_nyuv2` into the local paths below (README, NYUv2).
+NYUV2_TASKS = {"segmentation": ("segmentation", "miou", ["pixel_accuracy"]),
+               "depth": ("depth", "abs_err", ["rel_err"]),
+               "normal": ("normal", "mean_angle", [])}
+# Table 4, the diagonal of its single-task block (each expert on its own task) and the merged rows:
+# mIoU, pixel accuracy, depth abs err, rel err, normal mean angle.
+TABLE_4 = """
+Fine-tuned (STL) | 52.0 73.8 42.5 17.7 24.7
+Weight Averaging | 39.0 67.0 55.1 22.7 30.4
+Task Arithmetic (lambda=0.3) | 33.6 63.3 56.3 23.2 31.3
+Ties-Merging (lambda=0.3) | 36.3 61.7 60.5 24.5 33.1
+"""
+
+
+def nyuv2_rows() -> list[dict]:
+    out = []
+    for row in rows("FusionBench Table 4", ["miou", "pixel_accuracy", "abs_err", "rel_err", "mean_angle"], TABLE_4):
+        v = row["values"]
+        out.append(row | {"values": {"segmentation": v["miou"], "depth": v["abs_err"], "normal": v["mean_angle"]},
+                          "extra_values": {"segmentation": {"pixel_accuracy": v["pixel_accuracy"]},
+                                           "depth": {"rel_err": v["rel_err"]}}})
+    return out
+
+
+def nyuv2_suite() -> dict:
+    return {
+        "name": "resnet50-nyuv2",
+        "title": "ResNet-50 on NYUv2 scene understanding (segmentation, depth, normals)",
+        "description": "FusionBench's dense-prediction setting: one dilated ResNet-50 expert per task, backbones "
+                       "fused, each task keeps its own DeepLab head. Segmentation mIoU (pixel accuracy too), depth "
+                       "absolute error x100 (relative error too), normals mean angle in degrees; errors are lower "
+                       "is better, so the leaderboard ranks by the normalized score (% of STL).",
+        "family": {"kind": "resnet_nyuv2", "base": "microsoft/resnet-50",
+                   "experts": {t: f"../models/resnet50-nyuv2/{t}" for t in NYUV2_TASKS}},
+        "tasks": [{"name": t, "dataset": "../data/nyuv2", "input_columns": ["image"], "label_column": column,
+                   "split": "test", "validation_split": None, "metric": metric, "extra_metrics": extra}
+                  for t, (column, metric, extra) in NYUV2_TASKS.items()],
+        "references": {"computed": ["pretrained", "stl"], "published": nyuv2_rows()},
+        "eval_batch_size": 16,
+    }
+
+
 def without_avg(row: dict) -> dict:
     row["values"].pop("avg", None)
     return row
@@ -291,6 +337,7 @@ def all_suites() -> list[dict]:
         suite["references"] = {"computed": ["pretrained", "stl"],
                                "published": rows(table[0], list(GLUE), table[1]) if table else []}
         suites.append(suite)
+    suites.append(nyuv2_suite())
     return suites
 
 
