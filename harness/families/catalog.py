@@ -245,8 +245,10 @@ Layer-wise AdaMerging | 76.7 87.6 84.8 93.8 85.9 88.1 95.2 88.6
 # ----------------------------------------------------------------------------- NYUv2
 
 # FusionBench's three NYUv2 tasks: (target column, primary metric, extra metrics). FusionBench trains its
-# ResNet-50 experts itself (Lightning checkpoints, not on the hub): convert them and its preprocessed
-# NYUv2 arrays with `python -m harness.families.resnet_nyuv2` into the local paths below (README, NYUv2).
+# ResNet-50 experts itself (Lightning checkpoints, not on the hub) from torchvision's ImageNet ResNet-50:
+# convert those, the torchvision base (task vectors are taken against it, so no other ResNet-50 will do)
+# and its preprocessed NYUv2 arrays with `python -m harness.families.resnet_nyuv2` into the local paths
+# below (README, NYUv2).
 NYUV2_TASKS = {"segmentation": ("segmentation", "miou", ["pixel_accuracy"]),
                "depth": ("depth", "abs_err", ["rel_err"]),
                "normal": ("normal", "mean_angle", [])}
@@ -278,7 +280,7 @@ def nyuv2_suite() -> dict:
                        "fused, each task keeps its own DeepLab head. Segmentation mIoU (pixel accuracy too), depth "
                        "absolute error x100 (relative error too), normals mean angle in degrees; errors are lower "
                        "is better, so the leaderboard ranks by the normalized score (% of STL).",
-        "family": {"kind": "resnet_nyuv2", "base": "microsoft/resnet-50",
+        "family": {"kind": "resnet_nyuv2", "base": "../models/resnet50-nyuv2/pretrained",
                    "experts": {t: f"../models/resnet50-nyuv2/{t}" for t in NYUV2_TASKS}},
         "tasks": [{"name": t, "dataset": "../data/nyuv2", "input_columns": ["image"], "label_column": column,
                    "split": "test", "validation_split": None, "metric": metric, "extra_metrics": extra}

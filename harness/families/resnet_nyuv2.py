@@ -5,11 +5,12 @@ ResNet-50. As in FusionBench (Figure 6), only the backbones are fused; every tas
 decoder. The architecture is FusionBench's: a ResNet-50 dilated to output stride 8
 (`ResnetDilated(dilate_scale=8)`: the strides of the last two stages become dilations 2 and 4),
 a DeepLab ASPP head per task, its output upsampled bilinearly (align_corners) to the input size.
-The backbone is transformers' `ResNetModel` (torchvision is not a dependency), so a base like
-`microsoft/resnet-50` loads through `from_pretrained`; an expert is a `save_pretrained` folder
-of its backbone with the task's head beside it as `decoder.safetensors` (keys of FusionBench's
-`DeepLabHead`). `python -m harness.families.resnet_nyuv2` converts FusionBench's checkpoints
-(torchvision key names) and its preprocessed NYUv2 arrays into these formats.
+The backbone is transformers' `ResNetModel` (torchvision is not a dependency), loaded through
+`from_pretrained`; an expert is a `save_pretrained` folder of its backbone with the task's head
+beside it as `decoder.safetensors` (keys of FusionBench's `DeepLabHead`).
+`python -m harness.families.resnet_nyuv2` converts torchvision's ResNet-50 (FusionBench's
+pre-trained model), FusionBench's experts (torchvision key names) and its preprocessed NYUv2
+arrays into these formats.
 
 Inputs are images scaled to [0, 1] without mean/std normalisation, as FusionBench's NYUv2
 loader gives them. Metrics follow fusion_bench.metrics.nyuv2, pooled over every valid pixel
@@ -287,15 +288,22 @@ def split_fusionbench(state: dict[str, Tensor], task: str) -> tuple[dict[str, Te
     return backbone, head
 
 
-def convert_expert(checkpoint: Path, task: str, out: Path, config: str = "microsoft/resnet-50") -> None:
+def convert_backbone(state: dict[str, Tensor], out: Path, config=None) -> None:
+    """A torchvision-named ResNet state dict -> a save_pretrained ResNetModel folder
+    (config: a transformers ResNetConfig; its defaults are ResNet-50's)."""
+    from transformers import ResNetConfig, ResNetModel
+    model = ResNetModel(config or ResNetConfig())
+    model.load_state_dict(from_torchvision(state), strict=True)
+    model.save_pretrained(out)
+
+
+def convert_expert(checkpoint: Path, task: str, out: Path, config=None) -> None:
     """FusionBench's expert, its state dict saved as safetensors, -> a save_pretrained backbone folder
     with decoder.safetensors beside it. Lightning's .ckpt is a pickle, which fbh never unpickles:
     re-save it first with torch's weights_only loader (README, NYUv2)."""
-    from transformers import ResNetConfig, ResNetModel
-    backbone, head = split_fusionbench(load_file(str(checkpoint)), task)
-    model = ResNetModel(ResNetConfig.from_pretrained(config))
-    model.load_state_dict(backbone, strict=True)
-    model.save_pretrained(out)
+    state = load_file(str(checkpoint))
+    _, head = split_fusionbench(state, task)
+    convert_backbone({k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}, out, config)
     save_file({k: v.contiguous() for k, v in head.items()}, str(Path(out) / HEAD_FILE))
 
 
@@ -327,11 +335,14 @@ def convert_dataset(root: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    usage = ("python -m harness.families.resnet_nyuv2 expert CKPT.safetensors TASK OUT_DIR [CONFIG]\n"
+    usage = ("python -m harness.families.resnet_nyuv2 base TORCHVISION_RESNET50.safetensors OUT_DIR\n"
+             "python -m harness.families.resnet_nyuv2 expert CKPT_STATE_DICT.safetensors TASK OUT_DIR\n"
              "python -m harness.families.resnet_nyuv2 dataset NYUV2_NPY_ROOT OUT_DIR")
     args = sys.argv[1:]
-    if args[:1] == ["expert"] and len(args) in (4, 5):
-        convert_expert(Path(args[1]), args[2], Path(args[3]), *args[4:])
+    if args[:1] == ["base"] and len(args) == 3:
+        convert_backbone(load_file(args[1]), Path(args[2]))
+    elif args[:1] == ["expert"] and len(args) == 4:
+        convert_expert(Path(args[1]), args[2], Path(args[3]))
     elif args[:1] == ["dataset"] and len(args) == 3:
         convert_dataset(Path(args[1]), Path(args[2]))
     else:
