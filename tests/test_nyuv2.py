@@ -215,6 +215,12 @@ def test_suite_end_to_end(nyuv2_env):
     assert "segmentation:pixel_accuracy" in text.splitlines()[0] and "depth:rel_err" in text.splitlines()[0]
     assert not any(math.isnan(e.normalized) for e in entries if e.normalized is not None)
 
+    from harness.site import build
+    build(store, root / "site")
+    (board,) = (root / "site").rglob("resnet50-nyuv2*/leaderboard.csv")
+    header = board.read_text().splitlines()[0]
+    assert "segmentation pixel_accuracy" in header and "depth rel_err" in header
+
 
 def test_suite_unavailable_without_models(tmp_path, monkeypatch):
     import huggingface_hub.constants
