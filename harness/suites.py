@@ -4,6 +4,7 @@ touching the network, so `fbh suites list` and `fbh submit` answer at once."""
 
 from __future__ import annotations
 
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,7 +40,19 @@ def missing_refs(spec: SuiteSpec, file: Path) -> list[str]:
     return missing
 
 
+def missing_library(spec: SuiteSpec) -> tuple[str, str] | None:
+    """(module, install hint) when the suite's family needs an optional library that is not installed."""
+    from harness.families import OPTIONAL_LIBRARIES
+    need = OPTIONAL_LIBRARIES.get(spec.family.kind)
+    if need is not None and importlib.util.find_spec(need[0]) is None:
+        return need
+    return None
+
+
 def availability(spec: SuiteSpec, file: Path) -> tuple[str, str]:
+    library = missing_library(spec)
+    if library is not None:
+        return ("unavailable", f"needs {library[0]}: {library[1]}")
     if spec.family.zoo is not None:
         from harness.zoo import is_built, zoo_path
         built = is_built(zoo_path(spec.family.zoo.builder, spec.family.zoo.recipe))
@@ -52,6 +65,10 @@ def availability(spec: SuiteSpec, file: Path) -> tuple[str, str]:
 
 def require_available(spec: SuiteSpec, file: Path) -> None:
     """Raise SuiteUnavailable naming the suite and what is missing, before any work starts."""
+    library = missing_library(spec)
+    if library is not None:
+        raise SuiteUnavailable(f"suite '{spec.name}' is unavailable: its family '{spec.family.kind}' needs "
+                               f"the '{library[0]}' package, not installed here", file=str(file), fix=library[1])
     if spec.family.zoo is not None:
         return
     missing = missing_refs(spec, file)

@@ -24,6 +24,16 @@ FAMILIES = {
     "gpt2_classification": "harness.families.gpt2_classification:Gpt2ClassificationFamily",
     "flan_t5": "harness.families.flan_t5:FlanT5Family",
     "resnet_nyuv2": "harness.families.resnet_nyuv2:ResnetNyuv2Family",
+    "open_clip_vision": "harness.families.open_clip_vision:OpenClipVisionFamily",
+}
+
+# The base pin (torch 2.13, CPU) has no torchvision that imports beside it, so OpenCLIP lives in
+# its own environment with the torch build that torchvision 0.29.1 was made for.
+OPENCLIP_INSTALL = ("python3 -m venv .venv-openclip && .venv-openclip/bin/pip install -r "
+                    "<(python3 .ci/openclip_requirements.py) && .venv-openclip/bin/pip install --no-deps -e .")
+# Families whose library is an optional extra: kind -> (module imported, how to install it)
+OPTIONAL_LIBRARIES = {
+    "open_clip_vision": ("open_clip", f"install the openclip extra: {OPENCLIP_INSTALL}"),
 }
 
 

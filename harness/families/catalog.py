@@ -102,6 +102,41 @@ def clip_suite(prefix: str, set_name: str, tasks: list[str], **extra) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- OpenCLIP
+
+# FusionBench's OpenCLIP models (paper Table 2) are the Task Arithmetic authors' (Ilharco et al.):
+# open_clip architecture + 'openai' tag as base, one fine-tuned vision tower per task, which
+# FusionBench reads from .cache/task_vectors_checkpoints/<arch>/<Dataset>/finetuned.pt.
+OPENCLIP_BACKBONES = {  # suite prefix -> (open_clip architecture, hub folder of its 'openai' tag)
+    "openclip-vit-b-32": ("ViT-B-32", "timm/vit_base_patch32_clip_224.openai"),
+    "openclip-vit-b-16": ("ViT-B-16", "timm/vit_base_patch16_clip_224.openai"),
+    "openclip-vit-l-14": ("ViT-L-14", "timm/vit_large_patch14_clip_224.openai"),
+}
+OPENCLIP_DIRS = {"sun397": "SUN397", "stanford-cars": "Cars", "resisc45": "RESISC45", "eurosat": "EuroSAT",
+                 "svhn": "SVHN", "gtsrb": "GTSRB", "mnist": "MNIST", "dtd": "DTD"}
+OPENCLIP_CHECKPOINTS = "../.cache/task_vectors_checkpoints"  # FusionBench's model_dir, from suites/
+
+
+def openclip_suite(prefix: str) -> dict:
+    arch, base = OPENCLIP_BACKBONES[prefix]
+    tasks = CLIP_TASK_SETS["8tasks"]
+    return {
+        "name": f"{prefix}-8tasks",
+        "title": f"OpenCLIP {arch} on 8 image classification tasks",
+        "description": f"The Task Arithmetic experts of open_clip {arch} ('openai' weights, {base}) that FusionBench "
+                       "uses, converted to safetensors (README, 'OpenCLIP suites'); zero-shot heads from the "
+                       "pre-trained text tower with each dataset's prompt templates averaged; only the vision "
+                       "encoder is fused. Needs the openclip extra.",
+        "family": {"kind": "open_clip_vision", "base": base, "heads": "zero_shot",
+                   "experts": {t: f"{OPENCLIP_CHECKPOINTS}/{arch}/{OPENCLIP_DIRS[t]}/finetuned.safetensors"
+                               for t in tasks}},
+        "tasks": [clip_task(t) for t in tasks],
+        "eval_batch_size": 128,
+        # The paper lists these models (Table 2) but publishes no OpenCLIP numbers: no published rows.
+        "references": {"computed": ["pretrained", "stl"]},
+    }
+
+
 # ----------------------------------------------------------------------------- GLUE
 
 GLUE = {  # task -> (config, test split, input columns)
@@ -322,6 +357,7 @@ def all_suites() -> list[dict]:
                                       TABLE_6_CLEAN)}))
     suites[-1]["description"] += (" Robustness: the seven corruptions applied by fbh (harness/corruptions.py) "
                                   "to the clean test sets at severity 3.")
+    suites += [openclip_suite(prefix) for prefix in OPENCLIP_BACKBONES]
     suites.append({
         "name": "gpt2-glue",
         "title": "GPT-2 on seven GLUE tasks (sequence classification)",
