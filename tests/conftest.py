@@ -3,6 +3,7 @@ test session in a temporary cache; nothing here touches the user's cache or DB."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,6 +17,15 @@ SMALL_RECIPE = {
     "num_layers": 2, "num_heads": 2, "pretrain_steps": 30, "pretrain_batch": 32, "finetune_steps": 15,
     "finetune_batch": 32, "mtl_steps": 15, "head_examples": 32,
 }
+
+
+def pytest_runtest_setup(item):
+    """`openclip` tests need the openclip extra, which lives in its own environment (README): skipped
+    in the base one, a failure where FBH_REQUIRE_OPENCLIP says it must be there (CI's second venv)."""
+    if item.get_closest_marker("openclip") and importlib.util.find_spec("open_clip") is None:
+        if os.environ.get("FBH_REQUIRE_OPENCLIP"):
+            pytest.fail("open_clip is not installed, and FBH_REQUIRE_OPENCLIP=1 requires it")
+        pytest.skip("needs the openclip extra (open_clip), installed in its own environment: see README")
 
 
 def small_suite_spec(name: str = "tiny-small") -> dict:
