@@ -394,7 +394,8 @@ def download_commands(suite_file: Path) -> list[str]:
     """`hf download` lines that put a suite's models and datasets into the HF cache."""
     from harness.spec import load_suite
     suite = load_suite(suite_file)
-    models = dict.fromkeys([suite.family.base, *suite.family.experts.values()])
+    on_hub = lambda ref: not ref.startswith(("./", "../", "/"))  # noqa: E731 -- local files are the user's
+    models = dict.fromkeys(r for r in [suite.family.base, *suite.family.experts.values()] if on_hub(r))
     datasets = dict.fromkeys(t.dataset for t in suite.tasks)
     return ([f"hf download {m}" for m in models]
             + [f"hf download --repo-type dataset {d}" for d in datasets])
