@@ -171,7 +171,7 @@ class SuitePages:
     def score_title(self) -> str:
         """What a task's (primary) value is, e.g. 'accuracy (%)'."""
         metrics = {self.metrics.get(t, "accuracy") for t in self.tasks}
-        return metric_hint(metrics.pop()) if len(metrics) == 1 else "primary metric of each task"
+        return metric_hint(metrics.pop()) if len(metrics) == 1 else "score (each task's primary metric)"
 
     @property
     def task_value_title(self) -> str:

@@ -418,3 +418,20 @@ def test_every_link_resolves_and_hostile_text_stays_text(built, page):
     assert page.locator("#results tbody tr").count() == len(SMALL_TASKS)
     first = page.locator("#results tbody tr").first.locator("td")
     assert first.nth(1).text_content() == "accuracy" and first.nth(3).text_content().startswith("[")
+
+
+def test_mixed_direction_charts_draw_with_their_titles(tmp_path, page):
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    stored_suite(store, "nyu-like", NYUV2_LIKE, nyuv2_like_runs())
+    build(store, tmp_path / "out")
+    page.goto((tmp_path / "out" / "suites" / "nyu-like" / "index.html").as_uri())
+    drawn = page.eval_on_selector_all("canvas[data-chart]", """cs => cs.map(c => {
+        const chart = Chart.getChart(c);
+        return [chart.config.type, chart.options.scales.y ? chart.options.scales.y.title.text
+                                                          : chart.options.plugins.title.text,
+                chart.data.datasets[0].data.length];
+    })""")
+    assert drawn[0] == ["scatter", "normalized score (% of STL)", 2]
+    assert drawn[1][0] == "radar" and "% of STL" in drawn[1][1] and drawn[1][2] == 3
+    assert page.errors == []
