@@ -25,8 +25,9 @@ import jinja2
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import Entry, extra_columns, generalization, robustness
+from harness.leaderboard import Entry, extra_columns, generalization, relative_to_stl, robustness
 from harness.paths import REPO_ROOT
+from harness.spec import higher_is_better
 from harness.store import Store
 
 SITE_SOURCES = REPO_ROOT / "site"
@@ -148,6 +149,64 @@ class SuitePages:
     def submission_entries(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == "submission"]
 
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Task -> its primary metric."""
+        return {t["name"]: t.get("metric", "accuracy") for t in self.spec.get("tasks", [])}
+
+    def result_order(self, row: dict) -> tuple:
+        """Sort key of a result row: the suite's task order, then the primary metric before the extra ones."""
+        spec = next((t for t in self.spec.get("tasks", []) if t["name"] == row["task"]), {})
+        metrics = [spec.get("metric", "accuracy"), *spec.get("extra_metrics", [])]
+        return (self.tasks.index(row["task"]) if row["task"] in self.tasks else len(self.tasks), row["task"],
+                metrics.index(row["metric"]) if row["metric"] in metrics else len(metrics), row["metric"])
+
+    @property
+    def relative_to_stl(self) -> bool:
+        """Whether charts plot scores as % of the STL expert instead of raw values: raw values only read
+        'higher is better' on one axis when every task's primary metric is a score (not an error)."""
+        return not all(higher_is_better(self.metrics.get(t, "accuracy")) for t in self.tasks)
+
+    @property
+    def score_title(self) -> str:
+        """What a task's (primary) value is, e.g. 'accuracy (%)'."""
+        metrics = {self.metrics.get(t, "accuracy") for t in self.tasks}
+        return metric_hint(metrics.pop()) if len(metrics) == 1 else "score (each task's primary metric)"
+
+    @property
+    def task_value_title(self) -> str:
+        """What the per-task charts plot."""
+        return f"% of STL ({STL_RATIO})" if self.relative_to_stl else self.score_title
+
+    @property
+    def headline_title(self) -> str:
+        """What an entry's one-number summary (Pareto y axis, index page) is."""
+        return "normalized score (% of STL)" if self.relative_to_stl else f"average {self.score_title}"
+
+    def headline(self, e: Entry) -> float | None:
+        return e.normalized if self.relative_to_stl else e.average
+
+    @property
+    def stl(self) -> Entry | None:
+        return next((e for e in self.entries if e.kind == "reference" and e.label == "STL"), None)
+
+    def task_values(self, e: Entry) -> list[float | None]:
+        """What the per-task charts plot for `e`: raw scores, or % of STL (see relative_to_stl)."""
+        if not self.relative_to_stl:
+            return [e.scores.get(t) for t in self.tasks]
+        stl = self.stl.scores if self.stl else {}
+        return [_percent_of_stl(self.metrics.get(t, "accuracy"), e.scores.get(t), stl.get(t)) for t in self.tasks]
+
+
+STL_RATIO = "score / STL, STL / error for errors; higher is better"
+
+
+def _percent_of_stl(metric: str, value: float | None, stl: float | None) -> float | None:
+    # No ratio without an STL value, nor for a zero error (the leaderboard's normalized mean skips both too).
+    if value is None or not stl or (not value and not higher_is_better(metric)):
+        return None
+    return round(relative_to_stl(metric, value, stl), 3)
+
 
 def _rows_by(store: Store, sql: str, ids: list[str], key: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
@@ -192,7 +251,7 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
 # ----------------------------------------------------------------------------- tables of a suite
 
 def leaderboard_table(s: SuitePages) -> Table:
-    metrics = {t["name"]: t.get("metric", "accuracy") for t in s.spec.get("tasks", [])}
+    metrics = s.metrics
     extra = extra_columns(s.entries)
     columns = [Column("kind"), Column("method"), *[Column(t, True, metric_hint(metrics.get(t))) for t in s.tasks],
                *[Column(f"{t} {m}", True, metric_hint(m)) for t, m in extra],
@@ -264,25 +323,27 @@ def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def pareto_chart(s: SuitePages) -> dict:
-    points = [{"x": e.fusion_seconds, "y": round(e.average, 3), "label": e.label}
-              for e in s.submission_entries if e.fusion_seconds is not None and e.average is not None]
+    """Headline value (higher is better) vs fusion time of the submissions, references as levels."""
+    points = [{"x": e.fusion_seconds, "y": round(s.headline(e), 3), "label": e.label}
+              for e in s.submission_entries if e.fusion_seconds is not None and s.headline(e) is not None]
     front = pareto_front((p["x"], p["y"]) for p in points)
-    references = [{"label": e.label, "y": round(e.average, 3)} for e in s.entries
-                  if e.kind != "submission" and e.average is not None]
+    references = [{"label": e.label, "y": round(s.headline(e), 3)} for e in s.entries
+                  if e.kind != "submission" and s.headline(e) is not None]
     return {"type": "pareto", "points": points, "front": [{"x": x, "y": y} for x, y in front],
-            "references": references, "xTitle": "fusion time (s, log scale)", "yTitle": "average accuracy (%)"}
+            "references": references, "xTitle": "fusion time (s, log scale)", "yTitle": s.headline_title,
+            "yUnit": "% of STL" if s.relative_to_stl else "%"}
 
 
 def radar_chart(s: SuitePages) -> dict:
     shown = [e for e in s.entries if e.kind == "reference"] + s.submission_entries[:RADAR_SUBMISSIONS]
-    return {"type": "radar", "labels": s.tasks,
-            "series": [{"label": e.label, "values": [e.scores.get(t) for t in s.tasks]} for e in shown]}
+    return {"type": "radar", "labels": s.tasks, "valueTitle": s.task_value_title,
+            "series": [{"label": e.label, "values": s.task_values(e)} for e in shown]}
 
 
 def task_bars_chart(s: SuitePages, e: Entry) -> dict:
     shown = [e] + [r for r in s.entries if r.kind == "reference" and r.run_id != e.run_id]
-    return {"type": "bars", "labels": s.tasks, "yTitle": "accuracy (%)",
-            "series": [{"label": r.label, "values": [r.scores.get(t) for t in s.tasks]} for r in shown]}
+    return {"type": "bars", "labels": s.tasks, "yTitle": s.task_value_title,
+            "series": [{"label": r.label, "values": s.task_values(r)} for r in shown]}
 
 
 # ----------------------------------------------------------------------------- entry pages
@@ -290,8 +351,9 @@ def task_bars_chart(s: SuitePages, e: Entry) -> dict:
 def entry_page(s: SuitePages, e: Entry) -> dict:
     run = s.runs[e.run_id]
     rows = s.results.get(e.run_id, [])
-    clean = [r for r in rows if r["condition"] == "clean"]
-    by_task_condition = {(r["task"], r["condition"]): r["value"] for r in rows}
+    clean = sorted((r for r in rows if r["condition"] == "clean"), key=s.result_order)
+    # A task may have several metrics (one row each): the robustness table looks up the clean row's own.
+    by_task_metric_condition = {(r["task"], r["metric"], r["condition"]): r["value"] for r in rows}
     conditions = [c for c in s.conditions if any(r["condition"] == c for r in rows)]
     params = json.loads(run["params"]) if run.get("params") else {}
     grid = json.loads(run["grid"]) if run.get("grid") else []
@@ -302,10 +364,11 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
         if other is not None:
             settings.append({"split": split, "run": s.runs[other.run_id],
                              "params": json.loads(s.runs[other.run_id]["params"] or "{}"),
-                             "results": [r for r in s.results.get(other.run_id, []) if r["condition"] == "clean"],
+                             "results": sorted((r for r in s.results.get(other.run_id, []) if r["condition"] == "clean"),
+                                               key=s.result_order),
                              "seen": other.extra["seen"], "unseen": other.extra["unseen"]})
     return {"entry": e, "run": run, "submission": s.submissions.get(e.label) if e.kind == "submission" else None,
-            "clean": clean, "conditions": conditions, "robust": by_task_condition, "params": params, "grid": grid,
+            "clean": clean, "conditions": conditions, "robust": by_task_metric_condition, "params": params, "grid": grid,
             "packages": json.loads(run["packages"]) if run.get("packages") else {}, "settings": settings,
             "task_chart": task_bars_chart(s, e)}
 
@@ -320,6 +383,8 @@ def environment() -> jinja2.Environment:
     env.filters["when"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M} UTC"
     env.filters["mib"] = lambda v: "" if v is None else f"{v / 2 ** 20:,.0f} MiB"
     env.filters["count"] = lambda v: count(v).text
+    env.filters["metric_hint"] = metric_hint
+    env.filters["sentence"] = lambda v: v[:1].upper() + v[1:]
     return env
 
 

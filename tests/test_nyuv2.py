@@ -220,6 +220,16 @@ def test_suite_end_to_end(nyuv2_env):
     (board,) = (root / "site").rglob("resnet50-nyuv2*/leaderboard.csv")
     header = board.read_text().splitlines()[0]
     assert "segmentation pixel_accuracy" in header and "depth rel_err" in header
+    # Scores and errors share the charts as % of STL; the Pareto y axis is the normalized score.
+    from test_site import chart_data
+    radar = chart_data(board.parent / "index.html", "radar")
+    values = {s["label"]: s["values"] for s in radar["series"]}
+    assert "% of STL" in radar["valueTitle"] and values["STL"] == [100, 100, 100]
+    assert sum(values["ta"]) / 3 == pytest.approx(ta.normalized, abs=1e-2)
+    pareto = chart_data(board.parent / "index.html", "pareto")
+    assert pareto["yTitle"] == "normalized score (% of STL)"
+    (point,) = pareto["points"]
+    assert point["label"] == "ta" and point["y"] == pytest.approx(ta.normalized, abs=1e-3)
 
 
 def test_suite_unavailable_without_models(tmp_path, monkeypatch):

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import re
 import threading
 import urllib.request
+from datetime import datetime
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -19,7 +23,7 @@ from harness.cli import main
 from harness.errors import FbhError
 from harness.leaderboard import table
 from harness.site import Table, Cell, Column, pareto_front, preview_server, slug
-from harness.store import Store
+from harness.store import Run, Store
 
 HOSTILE = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
 CHROMIUM = os.environ.get("FBH_CHROMIUM", "/usr/bin/chromium")
@@ -65,6 +69,131 @@ def test_builds_a_suite_without_runs_and_lists_failed_runs_as_text(tmp_path):
         build(store, tmp_path / "file")
 
 
+# ----------------------------------------------------------------------------- chart data, from stored rows
+
+def chart_data(page: Path, chart_id: str) -> dict:
+    """The JSON a page embeds for one of its charts (what site.js hands Chart.js)."""
+    found = re.search(rf'<script type="application/json" id="{chart_id}-data">(.*?)</script>', page.read_text(), re.S)
+    return json.loads(found.group(1))
+
+
+class _TableText(HTMLParser):
+    """The cell texts of one table, row by row."""
+    def __init__(self, table_id: str):
+        super().__init__()
+        self.table_id, self.inside, self.rows = table_id, False, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.inside = dict(attrs).get("id") == self.table_id
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+
+    def handle_data(self, data):
+        if self.inside and self.rows and self.rows[-1]:
+            self.rows[-1][-1] += data.strip()
+
+
+def table_text(page: Path, table_id: str) -> list[list[str]]:
+    parser = _TableText(table_id)
+    parser.feed(page.read_text())
+    return parser.rows
+
+
+def stored_suite(store: Store, name: str, tasks: dict[str, list[str]], runs: dict[tuple[str, str], dict],
+                 corruptions: tuple[str, ...] = ()) -> None:
+    """A suite (task -> [primary metric, extra metrics...]) and finished runs ((kind, label) -> {"fusion": seconds,
+    (task, metric[, condition]): value}) written straight to the store, so chart data is checked without models."""
+    store.upsert_suite({"name": name, "title": name, "corruptions": [{"name": c} for c in corruptions],
+                        "tasks": [{"name": t, "metric": ms[0], "extra_metrics": ms[1:]} for t, ms in tasks.items()]},
+                       "h")
+    for (kind, label), values in runs.items():
+        rows = [{"task": key[0], "metric": key[1], "condition": key[2] if len(key) == 3 else "clean",
+                 "task_split": "seen", "value": value, "n": 10} for key, value in values.items() if key != "fusion"]
+        store.write_run(Run(run_key=f"{name}/{label}", kind=kind, label=label, suite=name,
+                            fusion_seconds=values.get("fusion"), finished_at=datetime(2026, 1, 1)), rows)
+
+
+NYUV2_LIKE = {"segmentation": ["miou", "pixel_accuracy"], "depth": ["abs_err", "rel_err"], "normal": ["mean_angle"]}
+
+
+def nyuv2_like_runs() -> dict:
+    def run(seg, pixel_acc, depth, rel, normal, fusion=None, corrupted=()):
+        return {("segmentation", "miou"): seg, ("segmentation", "pixel_accuracy"): pixel_acc,
+                ("depth", "abs_err"): depth, ("depth", "rel_err"): rel, ("normal", "mean_angle"): normal,
+                "fusion": fusion, **dict(corrupted)}
+    return {("reference", "pretrained"): run(10.0, 30.0, 80.0, 40.0, 50.0),
+            ("reference", "STL"): run(50.0, 70.0, 40.0, 15.0, 25.0),
+            ("submission", "fast"): run(40.0, 65.0, 50.0, 18.0, 30.0, fusion=2.0, corrupted={
+                ("segmentation", "miou", "gaussian_noise"): 30.0,
+                ("segmentation", "pixel_accuracy", "gaussian_noise"): 61.0,
+                ("depth", "abs_err", "gaussian_noise"): 60.0, ("depth", "rel_err", "gaussian_noise"): 21.0}),
+            ("submission", "slow"): run(45.0, 68.0, 44.0, 16.0, 27.0, fusion=10.0)}
+
+
+def test_charts_of_a_mixed_direction_suite_plot_percent_of_stl(tmp_path):
+    """Scores and errors on one radar only compare as % of the STL expert (higher is better for both);
+    the Pareto chart, with no plain average to plot, uses the normalized score."""
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    stored_suite(store, "nyu-like", NYUV2_LIKE, nyuv2_like_runs(), corruptions=("gaussian_noise",))
+    build(store, tmp_path / "out")
+    suite = tmp_path / "out" / "suites" / "nyu-like"
+    _, entries = table(store, "nyu-like")
+    normalized = {e.label: e.normalized for e in entries}
+
+    radar = chart_data(suite / "index.html", "radar")
+    assert radar["labels"] == ["segmentation", "depth", "normal"] and "% of STL" in radar["valueTitle"]
+    values = {s["label"]: s["values"] for s in radar["series"]}
+    assert values["STL"] == [100, 100, 100]
+    assert values["fast"] == pytest.approx([40 / 50 * 100, 40 / 50 * 100, 25 / 30 * 100], abs=1e-3)
+    assert values["pretrained"] == pytest.approx([20, 50, 50], abs=1e-3)  # errors: STL / error, not the error
+
+    pareto = chart_data(suite / "index.html", "pareto")
+    assert "normalized" in pareto["yTitle"] and pareto["yUnit"] == "% of STL"
+    assert {p["label"]: p["y"] for p in pareto["points"]} == pytest.approx(
+        {"fast": normalized["fast"], "slow": normalized["slow"]}, abs=1e-3)
+    assert [p["x"] for p in pareto["front"]] == [2.0, 10.0]  # slow is better, fast is faster: both on the front
+    assert {r["label"]: r["y"] for r in pareto["references"]} == pytest.approx(
+        {"pretrained": normalized["pretrained"], "STL": 100}, abs=1e-3)
+
+    entry = suite / "submissions" / "fast.html"
+    bars = chart_data(entry, "tasks")
+    assert bars["yTitle"] == radar["valueTitle"] and bars["series"][0]["values"] == values["fast"]
+    # Each metric of a task keeps its own corrupted value (the lookup is by task and metric).
+    assert table_text(entry, "robustness")[1:] == [
+        ["segmentation", "miou", "40.0", "30.0"], ["segmentation", "pixel_accuracy", "65.0", "61.0"],
+        ["depth", "abs_err", "50.0", "60.0"], ["depth", "rel_err", "18.0", "21.0"], ["normal", "mean_angle", "30.0", ""]]
+    assert "Average" not in entry.read_text().split('class="summary"')[1].split("</p>")[0]
+    index = (tmp_path / "out" / "index.html").read_text()
+    assert f"{normalized['slow']:.1f}" in index and "normalized score (% of STL)" in index
+
+
+def test_charts_of_an_accuracy_suite_plot_raw_accuracy(tmp_path):
+    """Where every metric is a score, the charts keep plotting the scores themselves and their average."""
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    stored_suite(store, "acc", {"a": ["accuracy"], "b": ["accuracy"]}, {
+        ("reference", "STL"): {("a", "accuracy"): 90.0, ("b", "accuracy"): 80.0},
+        ("submission", "merged"): {("a", "accuracy"): 70.0, ("b", "accuracy"): 60.0, "fusion": 1.5}})
+    build(store, tmp_path / "out")
+    suite = tmp_path / "out" / "suites" / "acc"
+    radar = chart_data(suite / "index.html", "radar")
+    assert radar["valueTitle"] == "accuracy (%)"
+    assert {s["label"]: s["values"] for s in radar["series"]} == {"STL": [90.0, 80.0], "merged": [70.0, 60.0]}
+    pareto = chart_data(suite / "index.html", "pareto")
+    assert pareto["yTitle"] == "average accuracy (%)" and pareto["yUnit"] == "%"
+    assert pareto["points"] == [{"x": 1.5, "y": 65.0, "label": "merged"}]
+    assert pareto["references"] == [{"label": "STL", "y": 85.0}]
+    assert chart_data(suite / "submissions" / "merged.html", "tasks")["yTitle"] == "accuracy (%)"
+
+
 # ----------------------------------------------------------------------------- a real site
 
 @pytest.fixture(scope="module")
@@ -105,6 +234,20 @@ def test_site_files_match_the_leaderboard(built):
     ensemble = next(r for r in rows if r["method"] == "simple-ensemble")
     assert int(ensemble["params"]) == 3 * int(rows[0]["params"])
     assert float(ensemble["fusion s"]) > 0 and int(ensemble["peak MiB"]) > 0
+
+    # Every metric is an accuracy: the charts plot raw accuracy and the average, as before multi-metric suites.
+    radar = chart_data(suite / "index.html", "radar")
+    assert radar["valueTitle"] == "accuracy (%)"
+    by_label = {e.label: e for e in entries}
+    for series in radar["series"]:
+        assert series["values"] == [by_label[series["label"]].scores[t] for t in tasks]
+    pareto = chart_data(suite / "index.html", "pareto")
+    assert pareto["yTitle"] == "average accuracy (%)"
+    assert {p["label"]: p["y"] for p in pareto["points"]} == pytest.approx(
+        {e.label: e.average for e in entries if e.kind == "submission"}, abs=1e-3)
+    assert {r["label"] for r in pareto["references"]} == {"pretrained", "STL", "MTL", "Made-up paper row"}
+    assert table_text(suite / "submissions" / "task-arithmetic.html", "robustness")[0] == [
+        "task", "metric", "clean", "gaussian_noise", "jpeg"]
 
     robust = read_csv(suite / "robustness.csv")
     assert list(robust[0])[2:] == ["clean", "gaussian_noise", "jpeg", "corrupted mean"]
@@ -273,4 +416,22 @@ def test_every_link_resolves_and_hostile_text_stays_text(built, page):
     chosen = page.locator("#params tbody td").nth(1).text_content()
     assert f"scaling_factor={chosen}" in page.locator("#grid tr.chosen").text_content()
     assert page.locator("#results tbody tr").count() == len(SMALL_TASKS)
-    assert page.locator("#results tbody tr").first.locator("td").nth(2).text_content().startswith("[")
+    first = page.locator("#results tbody tr").first.locator("td")
+    assert first.nth(1).text_content() == "accuracy" and first.nth(3).text_content().startswith("[")
+
+
+def test_mixed_direction_charts_draw_with_their_titles(tmp_path, page):
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    stored_suite(store, "nyu-like", NYUV2_LIKE, nyuv2_like_runs())
+    build(store, tmp_path / "out")
+    page.goto((tmp_path / "out" / "suites" / "nyu-like" / "index.html").as_uri())
+    drawn = page.eval_on_selector_all("canvas[data-chart]", """cs => cs.map(c => {
+        const chart = Chart.getChart(c);
+        return [chart.config.type, chart.options.scales.y ? chart.options.scales.y.title.text
+                                                          : chart.options.plugins.title.text,
+                chart.data.datasets[0].data.length];
+    })""")
+    assert drawn[0] == ["scatter", "normalized score (% of STL)", 2]
+    assert drawn[1][0] == "radar" and "% of STL" in drawn[1][1] and drawn[1][2] == 3
+    assert page.errors == []

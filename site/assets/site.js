@@ -73,7 +73,8 @@
                  y: {title: axisTitle(spec.yTitle)}},
         plugins: {tooltip: {callbacks: {label: function (ctx) {
           const p = ctx.raw;
-          return (p.label || ctx.dataset.label) + ": " + p.y.toFixed(1) + "% in " + p.x.toFixed(2) + " s";
+          return (p.label || ctx.dataset.label) + ": " + p.y.toFixed(1) + " " + (spec.yUnit || "%") + " in " +
+            p.x.toFixed(2) + " s";
         }}}},
       },
     };
@@ -86,9 +87,11 @@
     });
   }
 
+  // A radial scale has no axis title in Chart.js, so the chart's title says what the radius is.
   function radarConfig(spec) {
     return {type: "radar", data: {labels: spec.labels, datasets: seriesDatasets(spec, 0.08)},
-            options: {scales: {r: {suggestedMin: 0, suggestedMax: 100}}}};
+            options: {scales: {r: {suggestedMin: 0, suggestedMax: 100}},
+                      plugins: {title: {display: !!spec.valueTitle, text: spec.valueTitle}}}};
   }
 
   function barsConfig(spec) {
