@@ -142,15 +142,19 @@ def robustness(store: Store, suite: str, conditions: list[str]) -> tuple[list[st
     """The clean table's entries, each with extra['conditions'] = {condition: mean over the same tasks}
     under every corruption, and extra['corrupted_mean'] (FusionBench's robustness table, summarized)."""
     tasks, entries = table(store, suite)
-    rows = store.query("SELECT run_id, condition, task, value FROM results WHERE condition IN "
+    rows = store.query("SELECT run_id, condition, task, metric, value FROM results WHERE condition IN "
                        "(SELECT unnest(?::VARCHAR[])) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
                        [conditions, [e.run_id for e in entries]]) if conditions and entries else []
+    primary = task_metrics(store, suite)
+    # A mean over tasks is only meaningful when every task's primary metric points the same way.
+    comparable = len({higher_is_better(primary.get(t, "accuracy")) for t in tasks}) == 1
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
-        scores.setdefault((r["run_id"], r["condition"]), {})[r["task"]] = r["value"]
+        if r["metric"] == primary.get(r["task"], r["metric"]):
+            scores.setdefault((r["run_id"], r["condition"]), {})[r["task"]] = r["value"]
     for e in entries:
         by = {c: scores.get((e.run_id, c), {}) for c in conditions}
-        e.extra["conditions"] = {c: _mean([by[c].get(t) for t in e.scores]) if by[c] else None
+        e.extra["conditions"] = {c: _mean([by[c].get(t) for t in e.scores]) if by[c] and comparable else None
                                  for c in conditions}
         e.extra["corrupted_mean"] = _mean(list(e.extra["conditions"].values()))
     return tasks, entries

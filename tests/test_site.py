@@ -171,6 +171,10 @@ def test_charts_of_a_mixed_direction_suite_plot_percent_of_stl(tmp_path):
         ["segmentation", "miou", "40.0", "30.0"], ["segmentation", "pixel_accuracy", "65.0", "61.0"],
         ["depth", "abs_err", "50.0", "60.0"], ["depth", "rel_err", "18.0", "21.0"], ["normal", "mean_angle", "30.0", ""]]
     assert "Average" not in entry.read_text().split('class="summary"')[1].split("</p>")[0]
+    # The suite's robustness summary never averages mIoU with depth and angle errors.
+    from harness.leaderboard import robustness
+    _, robust = robustness(store, "nyu-like", ["gaussian_noise"])
+    assert all(e.extra["conditions"] == {"gaussian_noise": None} for e in robust)
     index = (tmp_path / "out" / "index.html").read_text()
     assert f"{normalized['slow']:.1f}" in index and "normalized score (% of STL)" in index
 
