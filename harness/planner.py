@@ -46,11 +46,16 @@ def harness_code_hash() -> str:
 
 
 def method_files() -> dict[str, Path]:
-    """Method name -> source file, read from the @method("name", ...) decorators without importing."""
+    """Method name -> source file, read from the @method("name", ...) decorators without importing.
+    Parsed again only when a file in methods/ changes (planning asks once per suite)."""
+    files = sorted(p for p in (REPO_ROOT / "methods").glob("*.py") if not p.name.startswith("_"))
+    return _method_files(tuple((p, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _method_files(files: tuple[tuple[Path, int, int], ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
-    for path in sorted((REPO_ROOT / "methods").glob("*.py")):
-        if path.name.startswith("_"):
-            continue
+    for path, _, _ in files:
         for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "method" and node.args \
                     and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
