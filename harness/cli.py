@@ -14,17 +14,19 @@ DB_HELP = "DuckDB results file [default: $FBH_DB, else .fbh/results.duckdb in th
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    """Environment variables that transformers, huggingface_hub and datasets read when first
+    imported: setting them costs nothing, where importing the libraries here to call their
+    logging functions cost seconds on every command (an unchanged re-submit needs neither)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' own progress bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
+    if "transformers" in sys.modules:  # imported before this command (in-process callers): too late for the env
         from transformers.utils import logging as tlog
         tlog.disable_progress_bar()
         tlog.set_verbosity_error()
-        import datasets
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def progress_printer(quiet: bool = False):

@@ -15,7 +15,7 @@ REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
 LATEST_RUNS = """
 SELECT * FROM (
   SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting ORDER BY finished_at DESC) AS rn
-  FROM runs WHERE status = 'ok' AND suite = ? AND setting = ?
+  FROM runs WHERE status = 'ok' AND suite = ? AND setting = ? AND kind != 'grid_point'
 ) WHERE rn = 1
 """
 

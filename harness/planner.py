@@ -1,7 +1,8 @@
 """Plan a submission into independent jobs keyed by content hashes, without loading models.
 
-A job is one (suite, setting, submission-or-reference) pair. Its key hashes everything
-its result depends on: the submission (name, method, params, grid, seed), the method's
+A job is one (suite, setting, submission-or-reference) pair, or one grid point of a
+submission's setting. Its key hashes everything its result depends on: the submission
+(name, method, params, grid, seed; a grid point's own params instead of the grid), the method's
 source file, the suite spec, the zoo recipe and builder code, and the harness's
 evaluation code. Planning reads only YAML and source bytes (no torch import), so an
 unchanged re-submit is answered from the store in about a second.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,11 +46,16 @@ def harness_code_hash() -> str:
 
 
 def method_files() -> dict[str, Path]:
-    """Method name -> source file, read from the @method("name", ...) decorators without importing."""
+    """Method name -> source file, read from the @method("name", ...) decorators without importing.
+    Parsed again only when a file in methods/ changes (planning asks once per suite)."""
+    files = sorted(p for p in (REPO_ROOT / "methods").glob("*.py") if not p.name.startswith("_"))
+    return _method_files(tuple((p, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _method_files(files: tuple[tuple[Path, int, int], ...]) -> dict[str, Path]:
     out: dict[str, Path] = {}
-    for path in sorted((REPO_ROOT / "methods").glob("*.py")):
-        if path.name.startswith("_"):
-            continue
+    for path, _, _ in files:
         for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "method" and node.args \
                     and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
@@ -137,19 +144,54 @@ def zoo_id(suite: SuiteSpec) -> str | None:
 
 @dataclass(frozen=True)
 class Job:
-    """One unit of work. Plain data, so it can travel to a Ray worker or a Slurm job."""
+    """One unit of work. Plain data, so it can travel to a Ray worker or a Slurm job.
+
+    kind 'grid_point': fuse one point of a submission's grid and score it on the validation
+    split of the seen tasks (never on test). kind 'submission' of a grid submission: fuse
+    the point selected on validation (`params`) and evaluate it like any submission;
+    `selection` carries every point's validation score and the search's cost.
+    """
     key: str
-    kind: str                 # 'reference' | 'submission'
+    kind: str                 # 'reference' | 'submission' | 'grid_point'
     suite: str
     setting: str
-    label: str                # reference label or submission name
+    label: str                # reference label, submission name, or 'name@k=v' for a grid point
     seen: tuple[str, ...]
     unseen: tuple[str, ...]
     submission: dict | None = None   # SubmissionSpec as JSON-able dict
     reference: str | None = None     # 'pretrained' | 'stl' | 'mtl'
+    params: dict | None = None       # the hyperparameters to fuse with (grid point or selected point)
+    selection: dict | None = None    # {'grid': [{params, validation_mean}], 'search_seconds', 'peak_memory_bytes'}
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class GridSearch:
+    """One setting of a grid submission: point jobs first; once every point is stored, the
+    driver selects the best on validation and runs `selected` with that point's params."""
+    selected: Job
+    points: tuple[Job, ...]
+
+
+@dataclass
+class Plan:
+    todo: list[Job]                 # runnable now
+    cached: list[Job]               # already stored (skipped)
+    searches: list[GridSearch]      # grid settings whose selected run is not stored yet
+
+
+def grid_points(sub: SubmissionSpec) -> list[dict]:
+    """The full params of every grid point, in the order of the sorted grid keys' product."""
+    if not sub.grid:
+        return [dict(sub.params)]
+    keys = sorted(sub.grid)
+    return [{**sub.params, **dict(zip(keys, combo))} for combo in itertools.product(*(sub.grid[k] for k in keys))]
+
+
+def point_label(sub: SubmissionSpec, point: dict) -> str:
+    return sub.name + "@" + ",".join(f"{k}={point[k]}" for k in sorted(sub.grid))
 
 
 def reference_jobs(suite: SuiteSpec) -> list[Job]:
@@ -160,27 +202,65 @@ def reference_jobs(suite: SuiteSpec) -> list[Job]:
             for ref in suite.references.computed]
 
 
-def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> list[Job]:
+def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, file: str | None) -> dict:
     code = method_code_hash(sub.method)
     if code is None:
         from harness import registry
         registry.get(sub.method, file=file)  # raises the clear unknown-method error
-    base = {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
+    return {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
             "method_code": code, "suite": suite_spec_hash(suite), "zoo": zoo_id(suite),
             "harness": harness_code_hash()}
+
+
+def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> list[Job]:
+    """One job per setting: the submission's leaderboard run (for a grid, the selected point's)."""
+    base = _submission_base(sub, suite, file)
     return [Job(key=content_hash({**base, "setting": name}), kind="submission", suite=suite.name, setting=name,
                 label=sub.name, seen=tuple(seen), unseen=tuple(unseen), submission=sub.model_dump(mode="json"))
             for name, seen, unseen in settings(suite)]
 
 
+def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, selected: Job, file: str | None = None) -> tuple[Job, ...]:
+    """The grid points of one setting. A point's key leaves out the rest of the grid, so
+    widening a grid reuses the points already stored."""
+    base = {**_submission_base(sub, suite, file), "grid": {}, "setting": selected.setting, "grid_point": True}
+    return tuple(Job(key=content_hash({**base, "params": point}), kind="grid_point", suite=suite.name,
+                     setting=selected.setting, label=point_label(sub, point), seen=selected.seen, unseen=(),
+                     submission=selected.submission, params=point)
+                 for point in grid_points(sub))
+
+
+def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec) -> None:
+    missing = [t.name for t in suite.tasks if t.validation_split is None]
+    if sub.grid and missing:
+        raise FbhError(f"a grid is selected on validation splits, but suite '{suite.name}' tasks {missing} "
+                       "declare none", field="grid", fix="submit fixed params, or declare validation splits")
+
+
 def plan(sub: SubmissionSpec | None, suites: list[SuiteSpec], done_keys: set[str], *, force: bool = False,
-         file: str | None = None) -> tuple[list[Job], list[Job]]:
-    """(jobs to run, jobs already stored). References are never forced: they depend on no submission."""
-    todo, cached = [], []
+         file: str | None = None) -> Plan:
+    """What to run, what is stored, and which grid searches wait on their points. References
+    are never forced: they depend on no submission. A stored selected run makes its grid
+    points irrelevant, so an unchanged re-submit looks up one key per setting."""
+    out = Plan([], [], [])
     for suite in suites:
         for job in reference_jobs(suite):
-            (cached if job.key in done_keys else todo).append(job)
-        if sub is not None:
-            for job in submission_jobs(sub, suite, file):
-                (cached if job.key in done_keys and not force else todo).append(job)
-    return todo, cached
+            (out.cached if job.key in done_keys else out.todo).append(job)
+        if sub is None:
+            continue
+        check_grid_data(sub, suite)
+        for job in submission_jobs(sub, suite, file):
+            if job.key in done_keys and not force:
+                out.cached.append(job)
+            elif not sub.grid:
+                out.todo.append(job)
+            else:
+                points = point_jobs(sub, suite, job, file)
+                for p in points:
+                    (out.cached if p.key in done_keys and not force else out.todo).append(p)
+                out.searches.append(GridSearch(job, points))
+    return out
+
+
+def all_keys(p: Plan) -> list[str]:
+    return [j.key for j in p.todo + p.cached] + [j.key for s in p.searches for j in (s.selected, *s.points)]

@@ -6,12 +6,18 @@ writes each returned run with its rows in one transaction. `execute_job()` is pu
 with respect to the store: it fuses and evaluates and returns data, so workers on other
 machines can run it while only the driver writes DuckDB. A failing method fails only
 its own run.
+
+A grid submission runs in two rounds: one job per grid point (validation scores only),
+then, in the driver, selection of the best point on validation and one job that fuses
+that point and evaluates it on test: the submission's leaderboard run, which records the
+selected params and every point's validation score.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import itertools
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,8 +26,8 @@ from typing import Callable, Iterable
 
 from harness import registry
 from harness.errors import FbhError, SuiteUnavailable
-from harness.planner import (Job, content_hash, default_suites, find_suite, harness_code_hash, plan,
-                             suite_files, settings)  # noqa: F401  (suite_files/settings re-exported)
+from harness.planner import (GridSearch, Job, all_keys, content_hash, default_suites, find_suite, grid_points,
+                             harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
 from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
 from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
 from harness.store import Run, Store, now
@@ -110,6 +116,8 @@ def execute_job(job: Job, device: str = "cpu", progress: Progress = print) -> Jo
     handle = open_suite(job.suite, dev, progress)
     if job.kind == "reference":
         return _reference(job, handle, dev, progress)
+    if job.kind == "grid_point":
+        return _grid_point(job, handle, dev, progress)
     return _submission(job, handle, dev, progress)
 
 
@@ -141,28 +149,61 @@ def _corruptions_for(spec: SuiteSpec, task: str):
 
 
 def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
+    """A submission's leaderboard run: fuse with its params (for a grid, the point selected
+    on validation by the driver) and evaluate on test, corruptions included in 'all'."""
     from harness.evaluate import evaluate
+    sub = SubmissionSpec.model_validate(job.submission)
+    spec = handle.spec
+    params = job.params if job.params is not None else grid_points(sub)[0]
+    tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
+    corruptions = spec.corruptions if job.setting == "all" else ()
+    run, result = _fuse_and_score(job, handle, device, progress, params,
+                                  lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
+                                                             batch_size=spec.eval_batch_size))
+    if job.selection is not None and run.status == "ok":
+        # The leaderboard shows what the whole search cost, as when it ran in one process.
+        run.grid = job.selection["grid"]
+        run.fusion_seconds = job.selection["search_seconds"]
+        run.peak_memory_bytes = max(run.peak_memory_bytes or 0, job.selection["peak_memory_bytes"] or 0)
+        run.data_access += "+grid:labeled_validation"
+    return result
+
+
+def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
+    """One grid point, scored on the validation split of the seen tasks only: the test split
+    is evaluated for the selected point alone."""
+    from harness.evaluate import evaluate
+    tasks = [(t, "seen") for t in job.seen]
+    _, result = _fuse_and_score(job, handle, device, progress, job.params,
+                                lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
+                                                           batch_size=handle.spec.eval_batch_size))
+    return result
+
+
+def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, params: dict,
+                    score: Callable) -> tuple[Run, JobResult]:
+    """Fuse with params and score the result; a method's failure fails its run, not the batch."""
+    from harness.evaluate import as_predictor
     sub = SubmissionSpec.model_validate(job.submission)
     info = registry.get(sub.method)
     spec = handle.spec
-    progress(f"[{spec.name}/{job.setting}] {sub.method} on {len(job.seen)} experts")
-    run = Run(run_key=job.key, kind="submission", label=sub.name, submission=sub.name, suite=spec.name,
+    progress(f"[{spec.name}/{job.setting}] {job.label}: {sub.method} on {len(job.seen)} experts")
+    run = Run(run_key=job.key, kind=job.kind, label=job.label, submission=sub.name, suite=spec.name,
               setting=job.setting, method=sub.method, data_access=info.data, output_kind=info.output,
               started_at=now(), **_provenance(device, sub.seed))
     try:
         ctx = fusion_context(handle, list(job.seen), info, sub.seed, device)
+        validated = info.validate_params(params)
         t0 = time.perf_counter()
         with PeakMemory(device) as mem:
-            predictor, chosen, grid_scores = select_and_fuse(sub, info, ctx, handle, list(job.seen))
+            predictor = as_predictor(fuse(info, ctx, validated), handle.family)
         run.fusion_seconds = time.perf_counter() - t0
         run.peak_memory_bytes = mem.peak
-        run.params, run.grid = chosen, grid_scores
-        run.data_access = info.data_used(info.validate_params(chosen)) + ("+grid:labeled_validation" if sub.grid else "")
+        run.params = validated.model_dump(mode="json")
+        run.data_access = info.data_used(validated)
         run.n_parameters = predictor.num_parameters()
         t0 = time.perf_counter()
-        tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
-        rows = evaluate(predictor, handle.family, tasks, corruptions=spec.corruptions if job.setting == "all" else (),
-                        batch_size=spec.eval_batch_size)
+        rows = score(predictor)
         run.eval_seconds = time.perf_counter() - t0
     except (KeyboardInterrupt, SystemExit, SuiteUnavailable):
         raise
@@ -170,11 +211,11 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
         run.status = "failed"
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         run.finished_at = now()
-        progress(f"[{spec.name}/{job.setting}] FAILED: {run.error}")
+        progress(f"[{spec.name}/{job.setting}] {job.label} FAILED: {run.error}")
         progress("".join(traceback.format_exception(exc)[-3:]).rstrip())
-        return JobResult(job, run, [])
+        return run, JobResult(job, run, [])
     run.finished_at = now()
-    return JobResult(job, run, [r.as_dict() for r in rows])
+    return run, JobResult(job, run, [r.as_dict() for r in rows])
 
 
 def fusion_context(handle: SuiteHandle, tasks: list[str], info: registry.MethodInfo, seed: int, device):
@@ -194,13 +235,6 @@ def fusion_context(handle: SuiteHandle, tasks: list[str], info: registry.MethodI
                          data_access=info.data, seed=seed, device=device)
 
 
-def grid_points(sub: SubmissionSpec) -> list[dict]:
-    if not sub.grid:
-        return [dict(sub.params)]
-    keys = sorted(sub.grid)
-    return [{**sub.params, **dict(zip(keys, combo))} for combo in itertools.product(*(sub.grid[k] for k in keys))]
-
-
 def validate_submission(sub: SubmissionSpec, file: str) -> registry.MethodInfo:
     info = registry.get(sub.method, file=file)
     for point in grid_points(sub):
@@ -213,30 +247,6 @@ def fuse(info: registry.MethodInfo, ctx, params):
     torch.manual_seed(ctx.seed)
     ctx.samples_per_task = info.samples_per_task(params)  # batches() hands out no more than declared
     return info.fn(ctx, params)
-
-
-def select_and_fuse(sub: SubmissionSpec, info: registry.MethodInfo, ctx, handle: SuiteHandle, seen: list[str]):
-    """Fuse once, or search the grid on the validation split only and keep the best point."""
-    from harness.evaluate import as_predictor, evaluate
-    points = grid_points(sub)
-    if not sub.grid:
-        params = info.validate_params(points[0])
-        return as_predictor(fuse(info, ctx, params), handle.family), params.model_dump(mode="json"), None
-    missing = [t for t in seen if handle.spec.task(t).validation_split is None]
-    if missing:
-        raise FbhError(f"a grid needs validation splits, but tasks {missing} declare none", file=str(handle.file),
-                       field="tasks[].validation_split", fix="declare validation splits or submit fixed params")
-    best, scores = None, []
-    for point in points:
-        params = info.validate_params(point)
-        predictor = as_predictor(fuse(info, ctx, params), handle.family)
-        rows = evaluate(predictor, handle.family, [(t, "seen") for t in seen], split="validation",
-                        batch_size=handle.spec.eval_batch_size)
-        score = sum(r.value for r in rows) / len(rows)
-        scores.append({"params": params.model_dump(mode="json"), "validation_mean": score})
-        if best is None or score > best[0]:
-            best = (score, predictor, params.model_dump(mode="json"))
-    return best[1], best[2], scores
 
 
 # ----------------------------------------------------------------------------- driver
@@ -271,11 +281,53 @@ def run_jobs(store: Store, jobs: list[Job], device: str, progress: Progress,
              executor: Callable[[list[Job], str, Progress], Iterable[JobResult]] = local_executor) -> list[Outcome]:
     """Execute jobs and write each result as it arrives (only the driver writes the store)."""
     outcomes = []
+    if not jobs:
+        return outcomes
     for result in executor(jobs, device, progress):
         store.write_run(result.run, result.rows)
-        o = result.run
-        outcomes.append(Outcome(o.suite, o.setting, o.label, o.status, o.run_id, o.error, mean_clean(result.rows)))
+        outcomes.append(outcome(result))
     return outcomes
+
+
+POINT_SCORES = """
+SELECT r.run_key, r.params, r.fusion_seconds, r.eval_seconds, r.peak_memory_bytes, avg(x.value) AS validation_mean
+FROM runs r JOIN results x USING (run_id)
+WHERE r.status = 'ok' AND x.condition = 'clean' AND r.run_key IN (SELECT unnest(?::VARCHAR[]))
+GROUP BY ALL
+"""
+
+
+def select_points(store: Store, searches: list[GridSearch]) -> tuple[list[Job], list[JobResult]]:
+    """For each grid search whose points are all stored, the selected job: the best point on
+    validation (the first in grid order on a tie), carrying every point's score. A search
+    with a failed point cannot be decided honestly (the failed point might have been the
+    best), so its leaderboard run fails, naming the points."""
+    keys = [p.key for s in searches for p in s.points]
+    stored = {r["run_key"]: r for r in store.query(POINT_SCORES, [keys])} if keys else {}
+    selected, failed = [], []
+    for search in searches:
+        missing = [p.label for p in search.points if p.key not in stored]
+        if missing:
+            run = Run(run_key=search.selected.key, kind="submission", label=search.selected.label,
+                      submission=search.selected.label, suite=search.selected.suite, setting=search.selected.setting,
+                      method=(search.selected.submission or {}).get("method"), status="failed",
+                      error=f"grid point(s) {', '.join(missing)} failed; nothing selected", started_at=now(),
+                      finished_at=now())
+            failed.append(JobResult(search.selected, run, []))
+            continue
+        points = [stored[p.key] for p in search.points]
+        grid = [{"params": json.loads(r["params"]), "validation_mean": r["validation_mean"]} for r in points]
+        best = max(range(len(grid)), key=lambda i: (grid[i]["validation_mean"], -i))
+        selection = {"grid": grid,
+                     "search_seconds": sum((r["fusion_seconds"] or 0) + (r["eval_seconds"] or 0) for r in points),
+                     "peak_memory_bytes": max(r["peak_memory_bytes"] or 0 for r in points)}
+        selected.append(dataclasses.replace(search.selected, params=grid[best]["params"], selection=selection))
+    return selected, failed
+
+
+def outcome(result: JobResult) -> Outcome:
+    r = result.run
+    return Outcome(r.suite, r.setting, r.label, r.status, r.run_id, r.error, mean_clean(result.rows))
 
 
 def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, label: str,
@@ -317,19 +369,25 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     report = SubmitReport(sub.name)
     specs = available_suites(specs, report, sub.name, progress)
     suites_ = [s for s, _ in specs]
-    candidate, _ = plan(sub, suites_, set(), force=True, file=str(path))
     store = Store(db or default_db())
-    done = store.completed_keys([j.key for j in candidate])
-    todo, cached = plan(sub, suites_, done, force=force, file=str(path))
-    if todo:  # a stored run proves its params were valid; anything new is validated before any write
+    done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))
+    todo = plan(sub, suites_, done, force=force, file=str(path))
+    if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
     store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")), str(path))
     for spec, file in specs:
         store.upsert_suite(spec.model_dump(mode="json"), content_hash(spec.model_dump(mode="json")))
         store_published(store, spec, file)
-    report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in cached]
-    if todo:
+    report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in todo.cached]
+    if todo.todo or todo.searches:
         # A remote executor decides 'auto' on its workers' hardware, not the driver's.
         dev = device if getattr(executor, "resolves_device", False) else str(pick_device(device))
-        report.outcomes += run_jobs(store, todo, dev, progress, executor)
+        report.outcomes += run_jobs(store, todo.todo, dev, progress, executor)
+        # Grid points first, then the selected point of each search: selection reads only
+        # stored validation scores, so points from an interrupted earlier submit count too.
+        selected, undecided = select_points(store, todo.searches)
+        for result in undecided:
+            store.write_run(result.run, result.rows)
+            report.outcomes.append(outcome(result))
+        report.outcomes += run_jobs(store, selected, dev, progress, executor)
     return report

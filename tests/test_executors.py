@@ -1,10 +1,12 @@
 """Distributed executors, for real: a loopback Ray cluster (head + worker) and submitit's local
 executor run the same batch of tiny-vision jobs as the local executor, and the driver stores
-identical result rows from all three."""
+identical result rows from all three; a grid submission runs one job per grid point on any
+executor, then its selected point."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from harness.leaderboard import table
 from harness.planner import find_suite, plan
 from harness.runner import local_executor, run_jobs
 from harness.spec import load_submission
@@ -34,8 +37,7 @@ def batch_jobs() -> list:
     suite, _ = find_suite("tiny-small")
     jobs = {}
     for name in BATCH:
-        todo, _ = plan(load_submission(REPO / "submissions" / name), [suite], set())
-        jobs.update({j.key: j for j in todo})
+        jobs.update({j.key: j for j in plan(load_submission(REPO / "submissions" / name), [suite], set()).todo})
     return list(jobs.values())
 
 
@@ -160,3 +162,71 @@ def test_ray_cluster_gives_the_local_rows(fbh_env, local_rows, loopback_ray_clus
     assert rows == local_rows
     assert any("7 jobs on cpu" in m and "'CPU': 2.0" in m for m in messages), messages  # head + worker
     assert not ray.is_initialized()  # the executor disconnected the driver it connected
+
+
+# ----------------------------------------------------------------------------- grid points
+
+GRID = {"name": "ta-grid3", "method": "task_arithmetic", "grid": {"scaling_factor": [0.1, 0.5, 1.0]}}
+GRID_ROWS = """SELECT r.kind, r.label, r.setting, r.status, r.params, r.grid, x.task, x.task_split, x.condition,
+                      x.value, x.n, x.ci_low, x.ci_high
+               FROM runs r JOIN results x USING (run_id) WHERE r.submission = 'ta-grid3' ORDER BY ALL"""
+
+
+def counting(executor, ran: list):
+    def execute(jobs, device, progress):
+        ran.extend((j.kind, j.label, j.setting) for j in jobs)
+        yield from executor(jobs, device, progress)
+    execute.resolves_device = getattr(executor, "resolves_device", False)
+    return execute
+
+
+def test_grid_points_are_jobs_and_executors_agree(fbh_env, local_rows, write_yaml, tmp_path):
+    pytest.importorskip("submitit")
+    from harness.executors import make_executor
+    from harness.runner import submit
+    sub = write_yaml("grid3.yaml", GRID)
+    suite, _ = find_suite("tiny-small")
+    planned = plan(load_submission(sub), [suite], set())
+    points = [j for j in planned.todo if j.kind == "grid_point"]
+    assert [(j.setting, j.params["scaling_factor"]) for j in points] == \
+        [(s, f) for s in ("all", "two-seen") for f in (0.1, 0.5, 1.0)]
+    assert len({j.key for j in points}) == 6 and len(planned.searches) == 2
+    assert not any(j.kind == "submission" for j in planned.todo)  # the selected runs wait on their points
+
+    rows = {}
+    for name, executor in [("local", local_executor),
+                           ("submitit-local", make_executor("submitit-local", folder=tmp_path / "logs",
+                                                            jobs_per_task=8, slurm={"timeout_min": 10}))]:
+        db = tmp_path / f"{name}.duckdb"
+        shutil.copy(fbh_env / "exec-local.duckdb", db)  # references already stored
+        ran = []
+        report = submit(sub, db=db, device="cpu", progress=lambda _: None, executor=counting(executor, ran))
+        assert not report.failed, report.failed
+        assert sorted(ran) == sorted([("grid_point", f"ta-grid3@scaling_factor={f}", s)
+                                      for s in ("all", "two-seen") for f in (0.1, 0.5, 1.0)]
+                                     + [("submission", "ta-grid3", s) for s in ("all", "two-seen")])
+        rows[name] = [tuple(r.values()) for r in Store(db).query(GRID_ROWS)]
+        again = []
+        report = submit(sub, db=db, device="cpu", progress=lambda _: None, executor=counting(executor, again))
+        assert again == [] and {o.status for o in report.outcomes} == {"cached"}
+    assert rows["submitit-local"] == rows["local"]
+
+    store = Store(tmp_path / "local.duckdb")
+    for setting, seen in [("all", 3), ("two-seen", 2)]:
+        point_runs = store.query("SELECT * FROM runs WHERE kind = 'grid_point' AND setting = ?", [setting])
+        scores = {json.loads(r["params"])["scaling_factor"]: r for r in point_runs}
+        assert sorted(scores) == [0.1, 0.5, 1.0]
+        for r in point_runs:  # a point is scored on validation of the seen tasks, never on test
+            assert store.query("SELECT DISTINCT condition, task_split FROM results WHERE run_id = ?",
+                               [r["run_id"]]) == [{"condition": "clean", "task_split": "seen"}]
+            assert len(store.query("SELECT 1 FROM results WHERE run_id = ?", [r["run_id"]])) == seen
+        chosen = store.query("SELECT * FROM runs WHERE kind = 'submission' AND label = 'ta-grid3' AND setting = ?",
+                             [setting])
+        assert len(chosen) == 1
+        grid = json.loads(chosen[0]["grid"])
+        assert [g["params"]["scaling_factor"] for g in grid] == [0.1, 0.5, 1.0]
+        best = max(grid, key=lambda g: g["validation_mean"])
+        assert json.loads(chosen[0]["params"]) == best["params"]
+        assert chosen[0]["data_access"].endswith("+grid:labeled_validation")
+    board = [e.label for e in table(store, "tiny-small")[1]]
+    assert "ta-grid3" in board and not any("@" in label for label in board)

@@ -43,3 +43,33 @@ def test_resubmit_is_cached_and_an_interrupted_batch_runs_only_missing_jobs(fbh_
     assert resumed == [("submission", "simple-average", "all")]
     assert sorted(o.status for o in report.outcomes).count("cached") == len(report.outcomes) - 1
     assert len(Store(db).query("SELECT * FROM runs WHERE label = 'simple-average' AND setting = 'all'")) == 1
+
+
+class Killed(BaseException):
+    """Stands for the driver being killed: not an Exception, so nothing catches it."""
+
+
+def test_a_grid_interrupted_after_some_points_reruns_only_the_missing_points(fbh_env, write_yaml):
+    db = fbh_env / "grid-resume.duckdb"
+    sub = write_yaml("grid.yaml", {"name": "resume-grid", "method": "task_arithmetic",
+                                   "grid": {"scaling_factor": [0.2, 0.4, 0.6]}})
+    quiet = lambda _: None  # noqa: E731
+    first: list = []
+
+    def dies_after_two_points(jobs, device, progress):
+        for result in counting_executor(first)(jobs, device, progress):
+            yield result
+            if sum(kind == "grid_point" for kind, _, _ in first) == 2:
+                raise Killed
+
+    with pytest.raises(Killed):
+        runner.submit(sub, db=db, device="cpu", progress=quiet, executor=dies_after_two_points)
+    stored = {(r["label"], r["setting"]) for r in Store(db).query("SELECT * FROM runs WHERE kind = 'grid_point'")}
+    assert len(stored) == 2
+    resumed: list = []
+    report = runner.submit(sub, db=db, device="cpu", progress=quiet, executor=counting_executor(resumed))
+    assert not report.failed
+    points = {(f"resume-grid@scaling_factor={f}", s) for f in (0.2, 0.4, 0.6) for s in ("all", "two-seen")}
+    assert {(label, s) for kind, label, s in resumed if kind == "grid_point"} == points - stored
+    assert ("submission", "resume-grid", "all") in resumed and ("submission", "resume-grid", "two-seen") in resumed
+    assert len(Store(db).query("SELECT * FROM runs WHERE kind = 'grid_point'")) == 6
