@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 SMALL_TASKS = ["digits", "shapes", "textures"]
 SMALL_RECIPE = {
     "tasks": SMALL_TASKS, "n_train": 96, "n_validation": 32, "n_test": 48, "hidden_size": 32,
-    "num_layers": 2, "num_heads": 2, "pretrain_steps": 30, "pretrain_batch": 32, "finetune_steps": 15,
+    "num_layers": 2, "num_heads": 2, "patch_size": 8, "finetune_lr": 4e-4, "pretrain_steps": 30, "pretrain_batch": 32, "finetune_steps": 15,
     "finetune_batch": 32, "mtl_steps": 15, "head_examples": 32,
 }
 
