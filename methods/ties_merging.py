@@ -20,7 +20,8 @@ from harness.tensors import apply_delta, mergeable
 
 
 class TiesParams(Params):
-    scaling_factor: float = Field(0.3, ge=0.0, le=10.0)
+    # The paper's lambda for its mean merge is 1 (FusionBench's 0.3 goes with its sum merge).
+    scaling_factor: float = Field(1.0, ge=0.0, le=10.0)
     top_k: float = Field(0.2, gt=0.0, le=1.0, description="fraction of each task vector kept")
     top_k_scope: Literal["global", "per_tensor"] = "global"
     disjoint_merge: Literal["mean", "sum"] = "mean"
