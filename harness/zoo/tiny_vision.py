@@ -414,7 +414,7 @@ def _batches(rng: np.random.Generator, n: int, batch: int):
             yield perm[s:s + batch]
 
 
-def pretrain(recipe, bank, progress) -> torch.nn.Module:
+def pretrain(recipe, bank, progress, tick: Callable[[], object] = lambda: None) -> torch.nn.Module:
     torch.manual_seed(recipe["seed"])
     model = make_model(recipe)
     d = recipe["hidden_size"]
@@ -449,6 +449,7 @@ def pretrain(recipe, bank, progress) -> torch.nn.Module:
         loss.backward()
         opt.step()
         sched.step()
+        tick()
         if step % 100 == 0:
             progress(f"pretrain step {step}/{steps} loss {loss.item():.3f}")
     return model
@@ -484,7 +485,8 @@ def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict
     return heads
 
 
-def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int, progress, label: str):
+def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int, progress, label: str,
+             tick: Callable[[], object] = lambda: None):
     import copy
     model = copy.deepcopy(base)
     model.train()
@@ -505,6 +507,7 @@ def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int,
         loss.backward()
         opt.step()
         sched.step()
+        tick()
     progress(f"fine-tuned {label} ({steps} steps, last loss {float(loss.detach()):.3f})")
     check_finite(model, label)
     model.eval()
@@ -540,7 +543,22 @@ def build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) ->
         save_dataset(out / "data" / t, t, {s: data[s][t] for s in ("train", "validation", "test")})
     progress(f"generated data for {len(tasks)} tasks")
 
-    base = pretrain(recipe, bank, progress)
+    bar = _step_bar(recipe["pretrain_steps"] + len(tasks) * recipe["finetune_steps"] + recipe["mtl_steps"])
+    try:
+        return _train_and_save(out, recipe, tasks, data, bank, progress, bar.update, started)
+    finally:
+        bar.close()
+
+
+def _step_bar(total: int):
+    """A training-step bar with ETA on an interactive terminal; tqdm hides it in logs and CI."""
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="building tiny-vision zoo", unit="step", disable=None, leave=False)
+
+
+def _train_and_save(out: Path, recipe, tasks, data, bank, progress, tick, started) -> dict[str, Any]:
+    seed = recipe["seed"]
+    base = pretrain(recipe, bank, progress, tick)
     base.eval()
     base.save_pretrained(out / "pretrained")
     save_processor(out / "pretrained")
@@ -552,9 +570,9 @@ def build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) ->
 
     for i, t in enumerate(tasks):
         expert = finetune(base, recipe, [t], data["train"], heads, recipe["finetune_steps"], seed + 1 + i,
-                          progress, f"expert {t}")
+                          progress, f"expert {t}", tick)
         expert.save_pretrained(out / "experts" / t)
-    mtl = finetune(base, recipe, tasks, data["train"], heads, recipe["mtl_steps"], seed + 100, progress, "MTL")
+    mtl = finetune(base, recipe, tasks, data["train"], heads, recipe["mtl_steps"], seed + 100, progress, "MTL", tick)
     mtl.save_pretrained(out / "mtl")
     report = {"seconds": round(time.time() - started, 1), "tasks": tasks,
               "classes": {t: TASKS[t][1] for t in tasks}}
