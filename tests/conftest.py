@@ -77,3 +77,14 @@ def write_yaml(tmp_path):
         path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
         return path
     return write
+
+
+@pytest.fixture()
+def private_env(tmp_path, monkeypatch):
+    """A private suites dir, cache and DB under tmp_path for one test."""
+    for name in ("suites", "cache"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
+    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
+    return tmp_path

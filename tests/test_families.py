@@ -31,14 +31,8 @@ def one_thread():
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch):
-    """A private suites dir, cache and DB for one test."""
-    for name in ("suites", "cache"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
-    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
-    return tmp_path
+def env(private_env):
+    return private_env
 
 
 def write_suite(root, spec: dict) -> None:

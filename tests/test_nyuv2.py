@@ -61,15 +61,10 @@ def nyuv2_dataset(path) -> None:
 
 
 @pytest.fixture()
-def nyuv2_env(tmp_path, monkeypatch):
+def nyuv2_env(tmp_path, private_env):
     from safetensors.torch import save_file
     from transformers import ResNetForImageClassification, ResNetModel
     from harness.families.resnet_nyuv2 import HEAD_FILE, deeplab_head
-    for name in ("suites", "cache"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
-    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
     torch.manual_seed(0)
     # a classification checkpoint: ResNetModel.from_pretrained reads the backbone out of one too
     ResNetForImageClassification(tiny_config()).save_pretrained(tmp_path / "resnet-50")

@@ -63,18 +63,13 @@ def test_openclip_suites_follow_fusion_bench():
 # ----------------------------------------------------------------------------- with open_clip
 
 @pytest.fixture()
-def zoo(tmp_path, monkeypatch):
+def zoo(tmp_path, private_env):
     """Base, two experts and two datasets on disk in the real formats, and a private env."""
     import datasets
     import open_clip
     import torch
     from PIL import Image
     from safetensors.torch import save_file
-    for name in ("suites", "cache"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
-    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
     torch.manual_seed(0)
     clip = open_clip.CLIP(**TINY).eval()
     base = tmp_path / "openclip-tiny"  # like a hub folder of open_clip weights (timm/..._clip_224.openai)
