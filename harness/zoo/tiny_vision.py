@@ -529,6 +529,17 @@ def save_dataset(path: Path, task: str, splits: dict[str, tuple[np.ndarray, np.n
 
 
 def build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
+    # One intra-op thread: how reductions are split across threads changes float rounding, so
+    # a zoo built on 2 cores and on 16 would differ (by 1-2 points of accuracy once trained).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(out, recipe, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, recipe: dict[str, Any], progress: Callable[[str], None]) -> dict[str, Any]:
     started = time.time()
     torch.manual_seed(recipe["seed"])
     bank = _digit_bank()
