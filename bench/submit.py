@@ -40,18 +40,20 @@ T_PROCESS = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine, run_worker, write_result  # noqa: E402
 
+sys.path.insert(0, str(REPO))  # this checkout's harness, in the driver as in the workers
+
 RESULTS = """
 SELECT r.setting, x.task, x.task_split, x.condition, x.severity, x.metric, x.value, x.n, x.ci_low, x.ci_high
 FROM runs r JOIN results x USING (run_id)
-WHERE r.kind = 'submission' AND r.status = 'ok' AND r.submission = ?
+WHERE r.run_id IN (SELECT unnest(?::VARCHAR[]))
 ORDER BY ALL
 """
 
 
-def rows_digest(db: str, submission: str) -> tuple[str, int]:
-    """sha256 over the exact (repr) values of every stored result row of the submission."""
+def rows_digest(db: str, run_ids: list[str]) -> tuple[str, int]:
+    """sha256 over the exact (repr) values of every stored result row of these runs."""
     from harness.store import Store
-    rows = Store(db).query(RESULTS, [submission])
+    rows = Store(db).query(RESULTS, [run_ids])
     text = "\n".join(repr(tuple(r.values())) for r in rows)
     return hashlib.sha256(text.encode()).hexdigest()[:16], len(rows)
 
@@ -60,7 +62,6 @@ def rows_digest(db: str, submission: str) -> tuple[str, int]:
 
 def worker(args) -> None:
     from harness import evaluate, runner, store
-    from harness.spec import load_submission
     stages: dict[str, float] = {"imports": time.perf_counter() - T_PROCESS}
 
     active: list[str] = []  # stages being timed, innermost last: each second counts for the innermost only
@@ -102,7 +103,7 @@ def worker(args) -> None:
         raise SystemExit(f"runs failed: {failed}")
     stages["other"] = total - sum(v for k, v in stages.items() if k != "imports")
     stages["total"] = total + stages["imports"]
-    write_result(args.result, stages=stages, name=load_submission(Path(args.submission)).name)
+    write_result(args.result, stages=stages, run_ids=[o.run_id for o in report.outcomes if o.status == "ok"])
 
 
 # ----------------------------------------------------------------------------- driver
@@ -136,7 +137,7 @@ def main() -> None:
             t0 = time.perf_counter()
             r = run_worker(Path(__file__), ["--suite", args.suite, "--submission", args.submission, "--db", str(db)])
             r["stages"]["process wall"] = time.perf_counter() - t0
-            r["digest"], r["rows"] = rows_digest(str(db), r["name"])
+            r["digest"], r["rows"] = rows_digest(str(db), r["run_ids"])
         runs.append(r)
         print(f"run {i + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
     best = min(runs, key=lambda r: r["stages"]["total"])
