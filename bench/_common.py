@@ -66,7 +66,10 @@ def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               # What fbh sets for itself (harness/__init__.py), given to every side alike, so a
+               # comparison measures the code, not OpenMP's spin-waiting on a crowded machine.
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         proc = subprocess.run([sys.executable, str(script), "--worker", *args, "--result", str(result)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not result.is_file():
