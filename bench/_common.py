@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this checkout's harness, not whichever one is installed
 
 # CLIP-ViT-B/32 is transformers' CLIPVisionConfig default (hidden 768, 12 layers, patch 32,
 # image 224); "tiny" is the tiny-vision zoo's default model shape.

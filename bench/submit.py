@@ -40,8 +40,6 @@ T_PROCESS = time.perf_counter()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, machine, run_worker, write_result  # noqa: E402
 
-sys.path.insert(0, str(REPO))  # this checkout's harness, in the driver as in the workers
-
 RESULTS = """
 SELECT r.setting, x.task, x.task_split, x.condition, x.severity, x.metric, x.value, x.n, x.ci_low, x.ci_high
 FROM runs r JOIN results x USING (run_id)
