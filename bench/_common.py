@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # this checkout's harness, not whichever one is installed
 
 # CLIP-ViT-B/32 is transformers' CLIPVisionConfig default (hidden 768, 12 layers, patch 32,
 # image 224); "tiny" is the tiny-vision zoo's default model shape.
@@ -66,7 +68,10 @@ def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+               "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+               # What fbh sets for itself (harness/__init__.py), given to every side alike, so a
+               # comparison measures the code, not OpenMP's spin-waiting on a crowded machine.
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         proc = subprocess.run([sys.executable, str(script), "--worker", *args, "--result", str(result)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not result.is_file():

@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed passes over every test set (fastest reported)")
     args = ap.parse_args()
 
+    import harness  # noqa: F401  (first, as in `fbh`: its OpenMP setting applies to both sides of this process)
     import torch
     import torch.nn.functional as F
     from fusion_bench.dataset import ImageClassificationDataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
@@ -104,11 +105,17 @@ def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: in
     if n < 2:
         v = float(per_example.mean()) if n else float("nan")
         return v, v
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (samples, n), generator=g)
-    means = per_example.double()[idx].mean(dim=1)
+    means = per_example.double()[resample_indices(n, samples, seed)].mean(dim=1)
     lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
     return float(lo), float(hi)
+
+
+@functools.lru_cache(maxsize=4)
+def resample_indices(n: int, samples: int, seed: int) -> Tensor:
+    """The bootstrap's [samples, n] example indices: the same for every row of n examples, so
+    drawn once per n (a submit scores dozens of test sets of one size)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (samples, n), generator=g)
 
 
 def split_name(family: Family, task: str, role: str) -> str:

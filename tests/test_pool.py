@@ -108,6 +108,29 @@ def test_merges_on_lazy_checkpoints_equal_eager_ones(tmp_path):
             assert torch.equal(eager[k], lazy[k]), (name, k)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_merge_helpers_give_out_of_place_bits_and_leave_inputs_alone(tmp_path, dtype):
+    """delta_sum / mean write into the buffers they read (streaming) or into copies (eager):
+    the same bits as the textbook expressions, and an eager expert is never modified."""
+    from harness.tensors import delta_sum, mean
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 8, generator=g).to(dtype)
+    experts = [{"w": (base.float() + 0.05 * torch.randn(64, 8, generator=g)).to(dtype)} for _ in range(4)]
+    before = [e["w"].clone() for e in experts]
+    for i, e in enumerate(experts):
+        save_file(e, str(tmp_path / f"e{i}.safetensors"))
+    lazy = [LazyStateDict(tmp_path / f"e{i}.safetensors") for i in range(4)]
+    b = base.float()
+    expected_sum = (((experts[0]["w"].float() - b) + (experts[1]["w"].float() - b)) + (experts[2]["w"].float() - b)) \
+        + (experts[3]["w"].float() - b)
+    expected_mean = (((experts[0]["w"].float() + experts[1]["w"].float()) + experts[2]["w"].float())
+                     + experts[3]["w"].float()) / 4
+    for states in (experts, lazy):
+        assert torch.equal(delta_sum(states, "w", base), expected_sum)
+        assert torch.equal(mean(states, "w"), expected_mean)
+    assert all(torch.equal(e["w"], x) for e, x in zip(experts, before))
+
+
 def test_zoo_checkpoints_stream_and_match_transformers(fbh_env):
     """clip_vision loads zoo experts as LazyStateDicts equal to what from_pretrained gives,
     and a merged lazy result builds and predicts."""

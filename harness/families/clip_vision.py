@@ -38,6 +38,7 @@ class ClipVisionFamily(FamilyBase):
         self._projection: Tensor | None = None
         self._scale = 100.0
         self._processor = None
+        self._splits: dict[tuple[str, str], object] = {}
 
     # -- models ------------------------------------------------------------------
     def load_model(self, ref: str, field: str) -> nn.Module:
@@ -152,7 +153,10 @@ class ClipVisionFamily(FamilyBase):
         return self._processor
 
     def _raw_split(self, task: str, split: str):
-        return load_split(self.suite, self.suite_file, self.resolve, task, split)
+        # Opened once: a submit asks for each test split under every condition and setting.
+        if (task, split) not in self._splits:
+            self._splits[task, split] = load_split(self.suite, self.suite_file, self.resolve, task, split)
+        return self._splits[task, split]
 
     def eval_data(self, task: str, split: str, corruption: str | None = None,
                   severity: int | None = None) -> tuple[Tensor, Tensor]:
