@@ -55,9 +55,12 @@ def task_metrics(store: Store, suite: str) -> dict[str, str]:
     return {t["name"]: t.get("metric", "accuracy") for t in tasks}
 
 
-def relative_to_stl(metric: str, value: float, stl: float) -> float:
+def relative_to_stl(metric: str, value: float | None, stl: float | None) -> float | None:
     """Score as % of the STL expert's: value / STL for scores, STL / value for errors (lower is better),
-    so 100 means 'as good as the expert' and more is better either way."""
+    so 100 means 'as good as the expert' and more is better either way; None where undefined (no
+    value, no STL, or a zero error)."""
+    if value is None or not stl or (not value and not higher_is_better(metric)):
+        return None
     return (value / stl if higher_is_better(metric) else stl / value) * 100
 
 
@@ -92,8 +95,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
         if not scores:
             continue
         cols = [t for t in tasks if t in scores]
-        norm = _mean([relative_to_stl(primary.get(t, "accuracy"), scores[t], stl[t]) for t in cols
-                      if stl.get(t) and (scores[t] or higher_is_better(primary.get(t, "accuracy")))])
+        norm = _mean([relative_to_stl(primary.get(t, "accuracy"), scores[t], stl.get(t)) for t in cols])
         average = _mean([scores[t] for t in cols]) if len(directions) == 1 else None
         entries.append(Entry(kind=r["kind"], label=r["label"], run_id=r["run_id"], method=r["method"],
                              scores=scores, average=average, normalized=norm,

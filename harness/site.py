@@ -202,10 +202,8 @@ STL_RATIO = "score / STL, STL / error for errors; higher is better"
 
 
 def _percent_of_stl(metric: str, value: float | None, stl: float | None) -> float | None:
-    # No ratio without an STL value, nor for a zero error (the leaderboard's normalized mean skips both too).
-    if value is None or not stl or (not value and not higher_is_better(metric)):
-        return None
-    return round(relative_to_stl(metric, value, stl), 3)
+    ratio = relative_to_stl(metric, value, stl)
+    return None if ratio is None else round(ratio, 3)
 
 
 def _rows_by(store: Store, sql: str, ids: list[str], key: str) -> dict[str, list[dict]]:
