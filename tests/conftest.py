@@ -88,3 +88,20 @@ def private_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
     return tmp_path
+
+
+def save_random_image_datasets(root: Path, tasks: dict[str, list[str]]) -> None:
+    """Per task, a datasets-on-disk folder (train 8, test 12) of random 40x36 RGB images whose labels
+    cycle through the class names: the on-disk layout of the real image suites."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for task, classes in tasks.items():
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+
+        def split(n):
+            images = [Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
+            return datasets.Dataset.from_dict({"image": images, "label": [i % len(classes) for i in range(n)]},
+                                              features=features)
+        datasets.DatasetDict({"train": split(8), "test": split(12)}).save_to_disk(str(root / "data" / task))

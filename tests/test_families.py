@@ -7,14 +7,13 @@ YAML pointing at them, then runs `submit` (task arithmetic) and checks the store
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
+from conftest import save_random_image_datasets
 from harness.store import Store
 
 pytestmark = pytest.mark.slow
@@ -101,15 +100,7 @@ def tiny_clip(root):
     vision = CLIPVisionModel.from_pretrained(base)
     for i, task in enumerate(CLIP_TASKS):  # vision towers only, like tanganke/clip-vit-base-patch32_<task>
         perturbed(vision, i).save_pretrained(root / "experts" / task)
-    import datasets
-    rng = np.random.default_rng(0)
-    for task, classes in CLIP_TASKS.items():
-        def split(n):
-            images = [Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
-            return datasets.Dataset.from_dict({"image": images, "label": [i % len(classes) for i in range(n)]},
-                                              features=datasets.Features({"image": datasets.Image(),
-                                                                          "label": datasets.ClassLabel(names=classes)}))
-        datasets.DatasetDict({"train": split(8), "test": split(12)}).save_to_disk(str(root / "data" / task))
+    save_random_image_datasets(root, CLIP_TASKS)
     return clip
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, save_random_image_datasets
 
 TASKS = {"sun397": ["abbey", "airport", "bakery"], "eurosat": ["forest", "river"]}
 TEMPLATES = ["a photo of a {c}.", "a satellite photo of the {c}."]
@@ -65,10 +64,8 @@ def test_openclip_suites_follow_fusion_bench():
 @pytest.fixture()
 def zoo(tmp_path, private_env):
     """Base, two experts and two datasets on disk in the real formats, and a private env."""
-    import datasets
     import open_clip
     import torch
-    from PIL import Image
     from safetensors.torch import save_file
     torch.manual_seed(0)
     clip = open_clip.CLIP(**TINY).eval()
@@ -86,14 +83,7 @@ def zoo(tmp_path, private_env):
               | {"model.text_projection": clip.text_projection.detach().clone()},
               str(tmp_path / "experts" / "sun397.safetensors"))
     save_file({"visual." + k: v for k, v in experts["eurosat"].items()}, str(tmp_path / "experts" / "eurosat.safetensors"))
-    rng = np.random.default_rng(0)
-    for task, classes in TASKS.items():
-        def split(n):
-            images = [Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)) for _ in range(n)]
-            return datasets.Dataset.from_dict({"image": images, "label": [i % len(classes) for i in range(n)]},
-                                              features=datasets.Features({"image": datasets.Image(),
-                                                                          "label": datasets.ClassLabel(names=classes)}))
-        datasets.DatasetDict({"train": split(8), "test": split(12)}).save_to_disk(str(tmp_path / "data" / task))
+    save_random_image_datasets(tmp_path, TASKS)
     spec = {"name": "openclip-tiny", "family": {
                 "kind": "open_clip_vision", "base": "../openclip-tiny", "heads": "zero_shot",
                 "experts": {t: f"../experts/{t}.safetensors" for t in TASKS}},
