@@ -160,9 +160,7 @@ def bootstrap_statistic(value_of, n: int, samples: int = BOOTSTRAP_SAMPLES, seed
     if n < 2:
         v = value_of(torch.arange(n))
         return v, v
-    g = torch.Generator().manual_seed(seed)
-    values = torch.tensor([value_of(torch.randint(0, n, (n,), generator=g)) for _ in range(samples)],
-                          dtype=torch.float64)
+    values = torch.tensor([value_of(idx) for idx in resample_indices(n, samples, seed)], dtype=torch.float64)
     values = values[torch.isfinite(values)]
     if not len(values):
         return float("nan"), float("nan")
