@@ -161,7 +161,7 @@ class Job:
     submission: dict | None = None   # SubmissionSpec as JSON-able dict
     reference: str | None = None     # 'pretrained' | 'stl' | 'mtl'
     params: dict | None = None       # the hyperparameters to fuse with (grid point or selected point)
-    selection: dict | None = None    # {'grid': [{params, validation_mean}], 'search_seconds', 'peak_memory_bytes'}
+    selection: dict | None = None    # {'grid': [{params, validation_mean, validation_score}], 'search_seconds', 'peak_memory_bytes'}
 
     def as_dict(self) -> dict:
         return asdict(self)

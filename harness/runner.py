@@ -289,21 +289,46 @@ def run_jobs(store: Store, jobs: list[Job], device: str, progress: Progress,
     return outcomes
 
 
-POINT_SCORES = """
-SELECT r.run_key, r.params, r.fusion_seconds, r.eval_seconds, r.peak_memory_bytes, avg(x.value) AS validation_mean
+POINT_ROWS = """
+SELECT r.run_key, r.params, r.fusion_seconds, r.eval_seconds, r.peak_memory_bytes, x.task, x.metric, x.value
 FROM runs r JOIN results x USING (run_id)
 WHERE r.status = 'ok' AND x.condition = 'clean' AND r.run_key IN (SELECT unnest(?::VARCHAR[]))
-GROUP BY ALL
 """
 
 
-def select_points(store: Store, searches: list[GridSearch]) -> tuple[list[Job], list[JobResult]]:
+def point_scores(values: list[dict[str, float]], metrics: dict[str, str]) -> tuple[list[float | None], list[float]]:
+    """Each grid point's validation mean (None where tasks' primary metrics differ, as
+    accuracy and depth error cannot be averaged) and its selection score, higher better:
+    the mean of the one primary metric (negated for errors), else the mean over tasks of
+    the point's rank among the points. `values[i]` maps task -> primary-metric value."""
+    tasks = sorted(set().union(*values)) if values else []
+    names = {metrics[t] for t in tasks}
+    sign = {t: 1.0 if higher_is_better(metrics[t]) else -1.0 for t in tasks}
+    if len(names) <= 1:
+        means = [sum(v[t] for t in tasks) / len(tasks) if tasks else 0.0 for v in values]
+        return means, [m if not tasks or sign[tasks[0]] > 0 else -m for m in means]
+    ranks = [0.0] * len(values)
+    for t in tasks:
+        signed = [sign[t] * v[t] for v in values]
+        for i, x in enumerate(signed):  # tied points share the mean of their ranks
+            ranks[i] += (sum(y < x for y in signed) + (sum(y == x for y in signed) - 1) / 2) / len(tasks)
+    return [None] * len(values), ranks
+
+
+def select_points(store: Store, searches: list[GridSearch], primary: dict[str, dict[str, str]]
+                  ) -> tuple[list[Job], list[JobResult]]:
     """For each grid search whose points are all stored, the selected job: the best point on
-    validation (the first in grid order on a tie), carrying every point's score. A search
+    the validation split's primary metrics (`primary`: suite -> task -> metric; see
+    point_scores), the first in grid order on a tie, carrying every point's score. A search
     with a failed point cannot be decided honestly (the failed point might have been the
     best), so its leaderboard run fails, naming the points."""
     keys = [p.key for s in searches for p in s.points]
-    stored = {r["run_key"]: r for r in store.query(POINT_SCORES, [keys])} if keys else {}
+    suite_of = {p.key: p.suite for s in searches for p in s.points}
+    stored: dict[str, dict] = {}
+    for r in (store.query(POINT_ROWS, [keys]) if keys else []):
+        point = stored.setdefault(r["run_key"], {**r, "values": {}})
+        if r["metric"] == primary[suite_of[r["run_key"]]].get(r["task"]):
+            point["values"][r["task"]] = r["value"]
     selected, failed = [], []
     for search in searches:
         missing = [p.label for p in search.points if p.key not in stored]
@@ -316,8 +341,10 @@ def select_points(store: Store, searches: list[GridSearch]) -> tuple[list[Job], 
             failed.append(JobResult(search.selected, run, []))
             continue
         points = [stored[p.key] for p in search.points]
-        grid = [{"params": json.loads(r["params"]), "validation_mean": r["validation_mean"]} for r in points]
-        best = max(range(len(grid)), key=lambda i: (grid[i]["validation_mean"], -i))
+        means, scores = point_scores([r["values"] for r in points], primary[search.selected.suite])
+        grid = [{"params": json.loads(r["params"]), "validation_mean": m, "validation_score": sc}
+                for r, m, sc in zip(points, means, scores)]
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
         selection = {"grid": grid,
                      "search_seconds": sum((r["fusion_seconds"] or 0) + (r["eval_seconds"] or 0) for r in points),
                      "peak_memory_bytes": max(r["peak_memory_bytes"] or 0 for r in points)}
@@ -385,7 +412,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         report.outcomes += run_jobs(store, todo.todo, dev, progress, executor)
         # Grid points first, then the selected point of each search: selection reads only
         # stored validation scores, so points from an interrupted earlier submit count too.
-        selected, undecided = select_points(store, todo.searches)
+        selected, undecided = select_points(store, todo.searches,
+                                             {s.name: {t.name: t.metric for t in s.tasks} for s in suites_})
         for result in undecided:
             store.write_run(result.run, result.rows)
             report.outcomes.append(outcome(result))

@@ -87,3 +87,21 @@ def test_cli_lists_and_validates(fbh_env):
     assert bad.exit_code == 2
     for cmd in [[], ["submit"], ["leaderboard"], ["suites", "list"], ["zoo", "build"], ["validate"]]:
         assert fbh(*cmd, "--help").exit_code == 0
+
+
+def test_zoo_is_the_same_with_one_fine_tuning_worker_or_several(fbh_env, tmp_path, monkeypatch):
+    """Experts and the MTL model are fine-tuned in parallel processes, each single-threaded and
+    seeded by its job, so the number of cores must not change a single weight."""
+    import torch
+    from safetensors.torch import load_file
+    from conftest import SMALL_RECIPE
+    from harness.zoo import resolved_recipe, tiny_vision
+    recipe = resolved_recipe("tiny_vision", SMALL_RECIPE)
+    tiny_vision.build(tmp_path / "parallel", recipe, lambda m: None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    tiny_vision.build(tmp_path / "serial", recipe, lambda m: None)
+    files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.safetensors"))
+    assert len(files) == len(recipe["tasks"]) + 3  # experts, MTL, base, heads
+    for f in files:
+        a, b = load_file(tmp_path / "serial" / f), load_file(tmp_path / "parallel" / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

@@ -230,3 +230,24 @@ def test_grid_points_are_jobs_and_executors_agree(fbh_env, local_rows, write_yam
         assert chosen[0]["data_access"].endswith("+grid:labeled_validation")
     board = [e.label for e in table(store, "tiny-small")[1]]
     assert "ta-grid3" in board and not any("@" in label for label in board)
+
+
+def test_grid_selection_reads_primary_metrics_with_their_direction():
+    from harness.runner import point_scores
+    # one score metric: the plain mean, highest wins
+    means, scores = point_scores([{"a": 50.0, "b": 70.0}, {"a": 60.0, "b": 80.0}], {"a": "accuracy", "b": "accuracy"})
+    assert means == [60.0, 70.0] and scores.index(max(scores)) == 1
+    # one error metric: the lowest mean error wins
+    means, scores = point_scores([{"d": 0.4}, {"d": 0.6}], {"d": "abs_err"})
+    assert means == [0.4, 0.6] and scores.index(max(scores)) == 0
+    # mixed metrics are never averaged: the point that ranks best over the tasks wins, even
+    # though its raw values sum lower (an error of 0.5 beside mIoU 30 would swamp nothing)
+    values = [{"seg": 30.0, "depth": 0.50, "normal": 20.0},
+              {"seg": 31.0, "depth": 0.90, "normal": 30.0},
+              {"seg": 29.0, "depth": 0.55, "normal": 21.0}]
+    means, scores = point_scores(values, {"seg": "miou", "depth": "abs_err", "normal": "mean_angle"})
+    assert means == [None] * 3
+    assert scores.index(max(scores)) == 0
+    # ties share their mean rank
+    _, scores = point_scores([{"d": 1.0, "s": 5.0}, {"d": 1.0, "s": 5.0}], {"d": "abs_err", "s": "miou"})
+    assert scores[0] == scores[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,14 +34,14 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "num_layers": 2,
     "num_heads": 6,
     "patch_size": 16,
-    "pretrain_steps": 600,
+    "pretrain_steps": 300,
     "pretrain_lr": 2e-3,
     "pretrain_batch": 64,
     "pretrain_pool": 4096,
-    "finetune_steps": 200,
-    "finetune_lr": 2e-4,
+    "finetune_steps": 150,
+    "finetune_lr": 3e-4,
     "finetune_batch": 32,
-    "mtl_steps": 800,
+    "mtl_steps": 500,
     "head_examples": 400,
     "logit_scale": 60.0,
     "weight_decay": 0.0,
@@ -425,7 +426,7 @@ def pretrain(recipe, bank, progress, tick: Callable[[], object] = lambda: None) 
         "spatial": torch.nn.Linear(d, 16),
         "orient": torch.nn.Linear(d, HIST_BINS)})
     params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe["pretrain_lr"], weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=recipe["pretrain_lr"], weight_decay=0.01, fused=True)
     steps = recipe["pretrain_steps"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe["pretrain_lr"], total_steps=max(steps, 1))
     rng = np.random.default_rng([recipe["seed"], 99])
@@ -491,7 +492,8 @@ def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int,
     model = copy.deepcopy(base)
     model.train()
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe["finetune_lr"], weight_decay=recipe["weight_decay"])
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["finetune_lr"], weight_decay=recipe["weight_decay"],
+                            fused=True)  # one kernel for all parameters: a sixth of a step saved on CPU
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     rng = np.random.default_rng([seed, 7])
     iters = {t: _batches(rng, len(data[t][1]), recipe["finetune_batch"]) for t in tasks}
@@ -579,13 +581,53 @@ def _train_and_save(out: Path, recipe, tasks, data, bank, progress, tick, starte
     save_file(heads, str(out / "heads.safetensors"),
               metadata={"logit_scale": str(recipe["logit_scale"]), "kind": "prototype"})
 
-    for i, t in enumerate(tasks):
-        expert = finetune(base, recipe, [t], data["train"], heads, recipe["finetune_steps"], seed + 1 + i,
-                          progress, f"expert {t}", tick)
-        expert.save_pretrained(out / "experts" / t)
-    mtl = finetune(base, recipe, tasks, data["train"], heads, recipe["mtl_steps"], seed + 100, progress, "MTL", tick)
-    mtl.save_pretrained(out / "mtl")
+    # The longest job first, so two workers finish together.
+    jobs = [FinetuneJob("MTL", tuple(tasks), recipe["mtl_steps"], seed + 100, out / "mtl")] + [
+        FinetuneJob(f"expert {t}", (t,), recipe["finetune_steps"], seed + 1 + i, out / "experts" / t)
+        for i, t in enumerate(tasks)]
+    for job, message in run_finetunes(jobs, base, recipe, data["train"], heads):
+        progress(message)
+        tick(job.steps)
     report = {"seconds": round(time.time() - started, 1), "tasks": tasks,
               "classes": {t: TASKS[t][1] for t in tasks}}
     (out / "zoo.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    label: str
+    tasks: tuple[str, ...]
+    steps: int
+    seed: int
+    out: Path
+
+
+_SHARED: dict[str, Any] = {}  # what forked fine-tuning workers inherit instead of receiving by pickle
+
+
+def _run_finetune(job: FinetuneJob) -> tuple[FinetuneJob, str]:
+    torch.set_num_threads(1)
+    messages = []
+    model = finetune(_SHARED["base"], _SHARED["recipe"], list(job.tasks), _SHARED["data"], _SHARED["heads"],
+                     job.steps, job.seed, messages.append, job.label)
+    model.save_pretrained(job.out)
+    return job, messages[-1]
+
+
+def run_finetunes(jobs: list[FinetuneJob], base, recipe, data, heads):
+    """Fine-tune every job, one process per core (each single-threaded, seeded by its job),
+    so the zoo is the same whatever the number of workers; yields (job, message) as each ends.
+    Fork, because the workers need the parent's base model and data, not a fresh import."""
+    import multiprocessing
+    import os
+    _SHARED.update(base=base, recipe=recipe, data=data, heads=heads)
+    workers = min(len(jobs), len(os.sched_getaffinity(0)))
+    try:
+        if workers <= 1:
+            yield from map(_run_finetune, jobs)
+            return
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap_unordered(_run_finetune, jobs)
+    finally:
+        _SHARED.clear()
