@@ -59,18 +59,26 @@ def read_header(path: str | Path) -> dict[str, Entry]:
     return out
 
 
-def read_tensor(entry: Entry) -> Tensor:
+def read_exactly(fd: int, into: Tensor, offset: int, path: str) -> None:
+    """Fill the contiguous CPU tensor `into` with the file's bytes from `offset`: positioned
+    reads, so forked or threaded readers can share one descriptor."""
+    view = memoryview(into.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(view):  # a single read returns at most ~2 GiB on Linux
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if not n:
+            raise OSError(f"{path}: file ends before tensor data at byte {offset + done}")
+        done += n
+
+
+def read_tensor(entry: Entry, fd: int | None = None) -> Tensor:
     """One tensor, read into a fresh (writable, unshared) buffer."""
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with open(entry.path, "rb", buffering=0) as f:
-        f.seek(entry.start)
-        done = 0
-        while done < entry.nbytes:  # a single read returns at most ~2 GiB on Linux
-            n = f.readinto(view[done:])
-            if not n:
-                raise OSError(f"{entry.path}: file ends before tensor data at byte {entry.start + done}")
-            done += n
+    if fd is None:
+        with open(entry.path, "rb", buffering=0) as f:
+            read_exactly(f.fileno(), buf, entry.start, entry.path)
+    else:
+        read_exactly(fd, buf, entry.start, entry.path)
     if entry.dtype == torch.uint8:
         return buf.reshape(entry.shape)
     return buf.view(entry.dtype).reshape(entry.shape)
@@ -114,13 +122,45 @@ class LazyStateDict(Mapping[str, Tensor]):
         self._index = index
         self._dtypes = dict(dtypes or {})
         self.device = torch.device(device)
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, path: str) -> int:
+        # Kept open: a chunked merge reads each tensor in many small pieces.
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fds": {}}  # descriptors do not travel to another process
 
     def __getitem__(self, key: str) -> Tensor:
-        t = read_tensor(self._index[key])
+        entry = self._index[key]
+        t = read_tensor(entry, self._fd(entry.path))
         dtype = self._dtypes.get(key, t.dtype)
         if self.device.type == "cuda":
             t = t.pin_memory()
         return t.to(device=self.device, dtype=dtype, non_blocking=self.device.type == "cuda")
+
+    def reads_float32_slices(self, key: str) -> bool:
+        """Whether read_slice can serve `key`: a float32 entry returned on CPU without a cast."""
+        entry = self._index[key]
+        return self.device.type == "cpu" and entry.dtype == torch.float32 and \
+            self._dtypes.get(key, entry.dtype) == torch.float32
+
+    def read_slice(self, key: str, start: int, out: Tensor) -> Tensor:
+        """Elements [start, start + out.numel()) of the flattened float32 entry, read into `out`
+        (1-D, contiguous, float32, CPU): one piece of a tensor without reading the rest."""
+        entry = self._index[key]
+        if not self.reads_float32_slices(key) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"read_slice serves float32 entries into float32 buffers on CPU; '{key}' is {entry.dtype}")
+        if start < 0 or (start + out.numel()) * 4 > entry.nbytes:
+            raise IndexError(f"elements {start}..{start + out.numel()} are outside '{key}' {entry.shape}")
+        read_exactly(self._fd(entry.path), out, entry.start + 4 * start, entry.path)
+        return out
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

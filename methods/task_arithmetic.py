@@ -19,4 +19,4 @@ def task_arithmetic(ctx: FusionContext, params: TaskArithmeticParams):
     base, experts, lam = ctx.base, ctx.experts, params.scaling_factor
 
     # theta_pre + lambda * sum of task vectors, computed in place (the same bits as out of place)
-    return map_entries(base, lambda key, b: delta_sum(experts, key, b).mul_(lam).add_(b.float()))
+    return map_entries(base, lambda key, b: delta_sum(experts, key, b, then=lambda t, ref: t.mul_(lam).add_(ref)))

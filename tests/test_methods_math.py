@@ -85,3 +85,27 @@ def test_every_method_declares_reference_and_schema():
     for info in methods.values():
         assert "arxiv" in info.reference.lower() or "doi" in info.reference.lower(), info.name
         assert issubclass(info.params, registry.Params)
+
+
+@pytest.mark.parametrize("others, expected", [(1.0, 2.0), (-1.0, -2.0)])
+def test_ties_cancelled_votes_take_the_whole_vectors_majority_across_entries(others, expected):
+    """TIES merges entry by entry, yet an entry whose votes cancel (+2 vs -2 in 'a') still
+    takes the majority sign of the whole task vector, decided by the other entries ('b')."""
+    base = {"a": torch.zeros(2), "b": torch.zeros(3)}
+    e1 = {"a": torch.tensor([2.0, 1.0]), "b": torch.full((3,), others)}
+    e2 = {"a": torch.tensor([-2.0, 1.0]), "b": torch.full((3,), others)}
+    out = run("ties_merging", base, [e1, e2], scaling_factor=1.0, top_k=1.0)
+    assert torch.equal(out["a"], torch.tensor([expected, 1.0]))
+    assert torch.equal(out["b"], torch.full((3,), others))
+
+
+def test_kth_smallest_equals_kthvalue_on_large_and_tied_vectors():
+    from methods.ties_merging import kth_smallest
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5_000_000, generator=g).abs()
+    for k in (1, 1_000_000, 4_000_000, 5_000_000):
+        assert torch.equal(kth_smallest(x, k), x.kthvalue(k).values), k
+    tied = torch.zeros(5_000_000)
+    tied[::1000] = 1.0  # 4,995,000 zeros: the bracket is [0, 0]
+    assert torch.equal(kth_smallest(tied, 4_000_000), torch.tensor(0.0))
+    assert torch.equal(kth_smallest(tied, 4_999_000), torch.tensor(1.0))

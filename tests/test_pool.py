@@ -108,11 +108,15 @@ def test_merges_on_lazy_checkpoints_equal_eager_ones(tmp_path):
             assert torch.equal(eager[k], lazy[k]), (name, k)
 
 
+@pytest.mark.parametrize("chunk", [1 << 18, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_in_place_merge_helpers_give_out_of_place_bits_and_leave_inputs_alone(tmp_path, dtype):
-    """delta_sum / mean write into the buffers they read (streaming) or into copies (eager):
-    the same bits as the textbook expressions, and an eager expert is never modified."""
+def test_in_place_merge_helpers_give_out_of_place_bits_and_leave_inputs_alone(tmp_path, dtype, chunk, monkeypatch):
+    """delta_sum / mean read streaming float32 experts piece by piece (chunk 7: 74 pieces, the
+    last one short) or work on copies (eager, bf16): the same bits as the textbook
+    expressions, and an eager expert is never modified."""
+    from harness import tensors
     from harness.tensors import delta_sum, mean
+    monkeypatch.setattr(tensors, "CHUNK", chunk)
     g = torch.Generator().manual_seed(2)
     base = torch.randn(64, 8, generator=g).to(dtype)
     experts = [{"w": (base.float() + 0.05 * torch.randn(64, 8, generator=g)).to(dtype)} for _ in range(4)]
@@ -128,7 +132,10 @@ def test_in_place_merge_helpers_give_out_of_place_bits_and_leave_inputs_alone(tm
     for states in (experts, lazy):
         assert torch.equal(delta_sum(states, "w", base), expected_sum)
         assert torch.equal(mean(states, "w"), expected_mean)
+        task_arithmetic = delta_sum(states, "w", base, then=lambda total, ref: total.mul_(0.3).add_(ref))
+        assert torch.equal(task_arithmetic, expected_sum * 0.3 + b)
     assert all(torch.equal(e["w"], x) for e, x in zip(experts, before))
+    assert lazy[0].reads_float32_slices("w") == (dtype == torch.float32)
 
 
 def test_zoo_checkpoints_stream_and_match_transformers(fbh_env):
@@ -150,3 +157,18 @@ def test_zoo_checkpoints_stream_and_match_transformers(fbh_env):
     pred = as_predictor(lazy, family)  # a method may return a checkpoint as it is
     assert torch.allclose(predict(pred, family, task, inputs[:8], 4), family.logits(model, task, inputs[:8]),
                           atol=1e-5)
+
+
+def test_read_slice_reads_pieces_and_refuses_what_it_cannot_serve(tmp_path):
+    import pickle
+    state = sample_state()
+    save_file(state, str(tmp_path / "m.safetensors"))
+    lazy = LazyStateDict(tmp_path / "m.safetensors")
+    flat = state["b.weight"].reshape(-1)
+    assert torch.equal(lazy.read_slice("b.weight", 4, torch.empty(6)), flat[4:10])
+    with pytest.raises(IndexError, match="outside 'b.weight'"):
+        lazy.read_slice("b.weight", 10, torch.empty(6))
+    with pytest.raises(ValueError, match="float32 entries"):
+        lazy.read_slice("pos_ids", 0, torch.empty(2))
+    clone = pickle.loads(pickle.dumps(lazy))  # open descriptors stay behind; the copy opens its own
+    assert torch.equal(clone["a.bias"], state["a.bias"])

@@ -40,8 +40,16 @@ class FamilyBase:
         return self._template
 
     def build(self, state):
-        model = copy.deepcopy(self.template())
-        model.load_state_dict(state, strict=True)
+        """A runnable model that holds `state`'s tensors themselves (load_state_dict with
+        assign=True, each cast to the template's dtype): the template is copied without its
+        parameters, so no model-sized clone is made only to be overwritten."""
+        template = self.template()
+        memo = {id(p): torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+                for p in template.parameters()}
+        model = copy.deepcopy(template, memo)
+        dtypes = {k: v.dtype for k, v in template.state_dict().items()}
+        model.load_state_dict({k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()},
+                              strict=True, assign=True)
         return model.to(self.device).eval()
 
 
