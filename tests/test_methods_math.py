@@ -109,3 +109,17 @@ def test_kth_smallest_equals_kthvalue_on_large_and_tied_vectors():
     tied[::1000] = 1.0  # 4,995,000 zeros: the bracket is [0, 0]
     assert torch.equal(kth_smallest(tied, 4_000_000), torch.tensor(0.0))
     assert torch.equal(kth_smallest(tied, 4_999_000), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("merge", ["mean", "sum"])
+def test_ties_in_cache_sized_pieces_gives_the_same_bits(monkeypatch, merge):
+    """The merge pass goes over each entry in pieces of COLUMNS columns; pieces of 3 (with
+    cancelled votes spread over several pieces) must give exactly the one-piece result."""
+    import methods.ties_merging as ties
+    g = torch.Generator().manual_seed(4)
+    base = {"w": torch.randn(7, 5, generator=g), "b": torch.randn(11, generator=g)}
+    experts = [{k: v + torch.randint(-2, 3, v.shape, generator=g).float() for k, v in base.items()} for _ in range(4)]
+    whole = run("ties_merging", base, experts, scaling_factor=1.0, top_k=0.6, disjoint_merge=merge)
+    monkeypatch.setattr(ties, "COLUMNS", 3)
+    pieces = run("ties_merging", base, experts, scaling_factor=1.0, top_k=0.6, disjoint_merge=merge)
+    assert all(torch.equal(whole[k], pieces[k]) for k in base)
