@@ -198,6 +198,7 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
         with PeakMemory(device) as mem:
             predictor = as_predictor(fuse(info, ctx, validated), handle.family)
         run.fusion_seconds = time.perf_counter() - t0
+        check_budget(run.fusion_seconds, handle)
         run.peak_memory_bytes = mem.peak
         run.params = validated.model_dump(mode="json")
         run.data_access = info.data_used(validated)
@@ -216,6 +217,15 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
         return run, JobResult(job, run, [])
     run.finished_at = now()
     return run, JobResult(job, run, [r.as_dict() for r in rows])
+
+
+def check_budget(seconds: float, handle: SuiteHandle) -> None:
+    budget = handle.spec.fusion_budget_seconds
+    if budget is not None and seconds > budget:
+        raise FbhError(f"fusion took {seconds:.1f} s, over the suite's budget of {budget:g} s", file=str(handle.file),
+                       field="fusion_budget_seconds",
+                       fix="lower the method's steps or data for this suite (a submission per suite), or argue for "
+                           "a larger budget in the suite file")
 
 
 def fusion_context(handle: SuiteHandle, tasks: list[str], info: registry.MethodInfo, seed: int, device):

@@ -118,6 +118,9 @@ class SuiteSpec(Strict):
     generalization: list[GeneralizationSpec] = Field(default_factory=list)
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     eval_batch_size: int = Field(256, ge=1, le=65536)
+    fusion_budget_seconds: float | None = Field(
+        None, gt=0, description="wall-clock seconds one run's fusion may take (for a CPU suite, on 2 cores); "
+                                "a run over it fails, naming the time it took")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SuiteSpec":

@@ -61,3 +61,26 @@ def test_failure_is_recorded_and_others_finish(fbh_env, write_yaml, broken_metho
     assert {r["label"] for r in ok_runs} == {"pretrained", "STL", "MTL", "avg", "Made-up paper row"}
     assert store.query("SELECT count(*) AS n FROM results JOIN runs USING (run_id) WHERE status = 'failed'"
                        )[0]["n"] == 0
+
+
+def test_fusion_over_the_suite_budget_fails_its_run_naming_the_time(fbh_env, write_yaml, tmp_path, monkeypatch):
+    """A suite's fusion_budget_seconds bounds what one run's fusion may cost: a method over it
+    fails its own run with the measured time and the suite field; the references still run."""
+    import yaml
+    from conftest import small_suite_spec
+    suites = tmp_path / "budget-suites"
+    suites.mkdir()
+    spec = small_suite_spec()
+    spec.update(name="tiny-budget", fusion_budget_seconds=1e-6)
+    (suites / "tiny-budget.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
+    db = tmp_path / "budget.duckdb"
+    sub = write_yaml("avg.yaml", {"name": "avg", "method": "simple_average"})
+    res = CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-budget", "--db", str(db)])
+    assert res.exit_code == 1, res.output
+    runs = Store(db).query("SELECT kind, status, error FROM runs")
+    failed = [r for r in runs if r["status"] == "failed"]
+    assert failed and all(r["kind"] == "submission" for r in failed)
+    assert all("over the suite's budget of 1e-06 s" in r["error"] and "fusion_budget_seconds" in r["error"]
+               for r in failed), failed
+    assert {r["status"] for r in runs if r["kind"] == "reference"} == {"ok"}
