@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from harness.api import Ensemble
@@ -35,10 +39,13 @@ class ResultRow:
 
 @dataclass
 class Predictor:
-    """A fused model ready to predict: one module, or several whose logits combine."""
+    """A fused model ready to predict: one module, or several whose logits combine.
+    member_keys: which checkpoint each member is (None when it was made in this run), so
+    that a member's outputs on a test set are computed once for every ensemble and reference."""
     members: list[nn.Module]
     weights: list[float] | None = None
     reduce: str = "mean"
+    member_keys: list[str | None] | None = None
 
     def num_parameters(self) -> int:
         seen, total = set(), 0
@@ -58,13 +65,19 @@ def as_predictor(fused, family: Family) -> Predictor:
         weights = list(fused.weights) if fused.weights is not None else None
         if weights is not None and len(weights) != len(members):
             raise ValueError(f"ensemble has {len(members)} members but {len(weights)} weights")
-        return Predictor([m.eval() for m in members], weights, fused.reduce)
+        return Predictor([m.eval() for m in members], weights, fused.reduce, [checkpoint_key(m) for m in fused.members])
     if isinstance(fused, nn.Module):
         return Predictor([fused.eval()])
     if isinstance(fused, Mapping):  # a dict, or a streaming harness.pool.LazyStateDict
         check_state(fused)
-        return Predictor([family.build(fused)])
+        return Predictor([family.build(fused)], member_keys=[checkpoint_key(fused)])
     raise TypeError(f"a method must return a state dict, an nn.Module or an Ensemble, not {type(fused).__name__}")
+
+
+def checkpoint_key(member) -> str | None:
+    """A stored checkpoint's identity (a streaming state dict read from files); None otherwise."""
+    identity = getattr(member, "identity", None)
+    return identity() if identity is not None and not isinstance(member, nn.Module) else None
 
 
 def check_state(state: StateDict) -> None:
@@ -86,17 +99,41 @@ def combine(predictor: Predictor, member_logits: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, batch_size: int) -> Tensor:
+def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, batch_size: int,
+            cached: Callable[[str], Path] | None = None) -> Tensor:
+    """Logits of the predictor on inputs. cached(member_key) names the file holding that
+    stored checkpoint's logits on these inputs: read when it exists, written once computed."""
     # Families whose outputs are not one forward pass of logits (e.g. generated text) predict themselves.
     own = getattr(family, "predict", None)
     if own is not None:
         return own(predictor, task, inputs, batch_size)
+    keys = predictor.member_keys or [None] * len(predictor.members)
+    files = [cached(k) if cached is not None and k is not None else None for k in keys]
+    stored = [load_file(str(f))["logits"] if f is not None and f.is_file() else None for f in files]
+    computed: list[list[Tensor]] = [[] for _ in predictor.members]
     outs = []
     for start in range(0, len(inputs), batch_size):
         x = inputs[start:start + batch_size]
-        member_logits = torch.stack([family.logits(m, task, x).float() for m in predictor.members])
-        outs.append(combine(predictor, member_logits).cpu())
+        logits = []
+        for i, m in enumerate(predictor.members):
+            if stored[i] is not None:
+                logits.append(stored[i][start:start + batch_size])
+            else:
+                logits.append(family.logits(m, task, x).float())
+                if files[i] is not None:
+                    computed[i].append(logits[-1].cpu())
+        outs.append(combine(predictor, torch.stack(logits)).cpu())
+    for f, parts in zip(files, computed):
+        if f is not None and parts:
+            save_atomically(f, {"logits": torch.cat(parts).contiguous()})
     return torch.cat(outs)
+
+
+def save_atomically(path: Path, tensors: dict[str, Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may fill the cache at once
+    save_file(tensors, str(tmp))
+    tmp.rename(path)
 
 
 def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
@@ -125,11 +162,16 @@ def split_name(family: Family, task: str, role: str) -> str:
 
 
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
-               condition: str = "clean", severity: int | None = None, batch_size: int = 256) -> list[ResultRow]:
+               condition: str = "clean", severity: int | None = None, batch_size: int = 256,
+               outputs_cache: Path | None = None) -> list[ResultRow]:
     """One row per metric of the task: its primary metric first, then its extra_metrics."""
     inputs, targets = family.eval_data(task, split_name(family, task, split),
                                        None if condition == "clean" else condition, severity)
-    outputs = predict(predictor, family, task, inputs, batch_size)
+    where_stored = None
+    if outputs_cache is not None:
+        data = f"{task}-{split}-{condition}-{severity or 0}-{inputs_fingerprint(inputs)}"
+        where_stored = lambda member: outputs_cache / f"{member}-{data}.safetensors"  # noqa: E731
+    outputs = predict(predictor, family, task, inputs, batch_size, where_stored)
     spec = family.suite.task(task)
     where = dict(task=task, task_split=task_split, condition=condition, severity=severity)
     # A corpus-level metric (Spearman, mIoU) comes from the family as a function of an example
@@ -148,6 +190,13 @@ def score_task(predictor: Predictor, family: Family, task: str, *, split: str, t
         rows.append(statistic_row(family.metric_statistic(task, metric, outputs, targets), len(targets),
                                   metric=metric, **where))
     return rows
+
+
+def inputs_fingerprint(inputs: Tensor) -> str:
+    """A cheap check that cached outputs belong to these inputs: their shape and 4096 of their values."""
+    flat = inputs.reshape(-1)
+    sample = flat[::max(1, flat.numel() // 4096)].contiguous()
+    return hashlib.sha256(str(tuple(inputs.shape)).encode() + sample.numpy().tobytes()).hexdigest()[:12]
 
 
 def statistic_row(value_of, n: int, **fields) -> ResultRow:
@@ -169,15 +218,18 @@ def bootstrap_statistic(value_of, n: int, samples: int = BOOTSTRAP_SAMPLES, seed
 
 
 def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",
-             corruptions: Sequence = (), batch_size: int = 256) -> list[ResultRow]:
-    """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects."""
+             corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None) -> list[ResultRow]:
+    """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects.
+    outputs_cache: a folder for stored checkpoints' logits, scoped by the caller to what else
+    decides them (suite, code, device)."""
     rows = []
     tasks = list(tasks)
+    common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache)
     for task, task_split in tasks:
-        rows += score_task(predictor, family, task, split=split, task_split=task_split, batch_size=batch_size)
+        rows += score_task(predictor, family, task, task_split=task_split, **common)
     for c in corruptions:
         for task, task_split in tasks:
             if c.tasks is None or task in c.tasks:
-                rows += score_task(predictor, family, task, split=split, task_split=task_split,
-                                   condition=c.name, severity=c.severity, batch_size=batch_size)
+                rows += score_task(predictor, family, task, task_split=task_split, condition=c.name,
+                                   severity=c.severity, **common)
     return rows

@@ -17,6 +17,7 @@ format: an 8-byte little-endian header length, a JSON header of
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -144,6 +145,15 @@ class LazyStateDict(Mapping[str, Tensor]):
         if self.device.type == "cuda":
             t = t.pin_memory()
         return t.to(device=self.device, dtype=dtype, non_blocking=self.device.type == "cuda")
+
+    def identity(self) -> str:
+        """Which weights these are, for caching what they compute: each file's path, size and
+        modification time (checkpoints in the zoo and the hub cache are never rewritten in
+        place), the entries and their dtypes."""
+        files = sorted({e.path for e in self._index.values()})
+        blob = json.dumps([[(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files], list(self._index),
+                           {k: str(v) for k, v in self._dtypes.items()}])
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def reads_float32_slices(self, key: str) -> bool:
         """Whether read_slice can serve `key`: a float32 entry returned on CPU without a cast."""

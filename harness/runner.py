@@ -131,17 +131,27 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size)
+                             batch_size=spec.eval_batch_size, outputs_cache=outputs_cache(handle, device))
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size)
+                        batch_size=spec.eval_batch_size, outputs_cache=outputs_cache(handle, device))
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None))
     return JobResult(job, run, [r.as_dict() for r in rows])
+
+
+def outputs_cache(handle: SuiteHandle, device) -> Path:
+    """Where stored checkpoints' logits on this suite's evaluation sets are kept, so every
+    ensemble and reference computes an expert's outputs once: scoped by what else decides
+    them (the suite, the harness code, the device)."""
+    from harness.paths import cache_dir
+    scope = content_hash({"suite": handle.spec.model_dump(mode="json"), "code": harness_code_hash(),
+                          "device": str(device)})
+    return cache_dir() / "outputs" / scope[:16]
 
 
 def _corruptions_for(spec: SuiteSpec, task: str):
@@ -159,7 +169,8 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     corruptions = spec.corruptions if job.setting == "all" else ()
     run, result = _fuse_and_score(job, handle, device, progress, params,
                                   lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
-                                                             batch_size=spec.eval_batch_size))
+                                                             batch_size=spec.eval_batch_size,
+                                                             outputs_cache=outputs_cache(handle, device)))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -176,7 +187,8 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     tasks = [(t, "seen") for t in job.seen]
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
-                                                           batch_size=handle.spec.eval_batch_size))
+                                                           batch_size=handle.spec.eval_batch_size,
+                                                           outputs_cache=outputs_cache(handle, device)))
     return result
 
 

@@ -105,3 +105,24 @@ def test_zoo_is_the_same_with_one_fine_tuning_worker_or_several(fbh_env, tmp_pat
     for f in files:
         a, b = load_file(tmp_path / "serial" / f), load_file(tmp_path / "parallel" / f)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+
+
+def test_expert_outputs_are_computed_once_for_every_ensemble(fbh_env, write_yaml, tmp_path, monkeypatch):
+    """A stored expert's logits on a test set are cached: once the simple ensemble has run, the
+    weighted ensemble (uniform weights) and the max-model predictor need no forward pass of
+    any expert, and the weighted ensemble's rows equal the simple ensemble's."""
+    from harness.families.clip_vision import ClipVisionFamily
+    db = tmp_path / "outputs.duckdb"
+    assert fbh("submit", str(REPO / "submissions" / "simple_ensemble.yaml"), "--db", str(db),
+               "--quiet").exit_code == 0
+
+    def no_forward(self, model, task, inputs):
+        raise AssertionError("an expert's outputs were computed again")
+    monkeypatch.setattr(ClipVisionFamily, "logits", no_forward)
+    for name in ("weighted_ensemble", "max_model_predictor"):
+        res = fbh("submit", str(REPO / "submissions" / f"{name}.yaml"), "--db", str(db), "--quiet")
+        assert res.exit_code == 0, res.output
+    rows = {label: sorted((r["task"], r["condition"], r["value"]) for r in Store(db).query(
+        "SELECT task, condition, value FROM results JOIN runs USING (run_id) WHERE label = ? AND setting = 'all'",
+        [label])) for label in ("simple-ensemble", "weighted-ensemble")}
+    assert rows["simple-ensemble"] and rows["simple-ensemble"] == rows["weighted-ensemble"]
