@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from harness.api import Ensemble
 from harness.families import Family
+from harness.families.common import save_atomically
 from harness.tensors import StateDict
 
 BOOTSTRAP_SAMPLES = 1000
@@ -127,13 +127,6 @@ def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, bat
         if f is not None and parts:
             save_atomically(f, {"logits": torch.cat(parts).contiguous()})
     return torch.cat(outs)
-
-
-def save_atomically(path: Path, tensors: dict[str, Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may fill the cache at once
-    save_file(tensors, str(tmp))
-    tmp.rename(path)
 
 
 def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from harness.corruptions import corrupt
 from harness.errors import FbhError, SuiteUnavailable
-from harness.families.common import FamilyBase, cached_tensors, load_pretrained, load_split
+from harness.families.common import FamilyBase, cached_tensors, load_pretrained, load_split, save_atomically
 from harness.paths import cache_dir
 from harness.pool import LazyStateDict, read_header, safetensors_files
 from harness.spec import SuiteSpec
@@ -180,10 +179,7 @@ class ClipVisionFamily(FamilyBase):
                 images = [corrupt(im[None], corruption, severity or 3, seed=i)[0] for i, im in enumerate(images)]
         inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
         labels = torch.as_tensor(ds[spec.label_column], dtype=torch.long)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two processes may fill the cache at once
-        save_file({"inputs": inputs, "labels": labels}, str(tmp))
-        tmp.rename(path)
+        save_atomically(path, {"inputs": inputs, "labels": labels})
         return inputs, labels
 
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:

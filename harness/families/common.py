@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -102,12 +103,17 @@ def cached_tensors(folder: str, name: str, key_obj, build: Callable[[], dict[str
     if not path.is_file():
         built = build()
         tensors, metadata = built if isinstance(built, tuple) else (built, None)
-        tensors = {k: v.contiguous() for k, v in tensors.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.rename(path)
+        save_atomically(path, {k: v.contiguous() for k, v in tensors.items()}, metadata)
     return path
+
+
+def save_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a cache file so that readers see it whole or not at all, even with two processes
+    filling the cache at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.rename(path)
 
 
 def load_cached(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
