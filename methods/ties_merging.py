@@ -120,9 +120,7 @@ def ties_delta(base, experts, p: TiesParams) -> dict[str, torch.Tensor]:
                 continue
             merged = torch.empty(rows.shape[1])
             for a in range(0, rows.shape[1], COLUMNS):  # pieces whose ten elementwise passes stay in cache
-                piece = rows[:, a:a + COLUMNS].contiguous()
-                if thresholds is not None:
-                    piece.mul_(piece.abs() >= thresholds)
+                piece = trim(rows[:, a:a + COLUMNS].contiguous(), thresholds)
                 sign = torch.sign(piece.sum(dim=0))
                 votes += int(sign.sum())
                 tied = (sign == 0).nonzero().squeeze(1)
@@ -138,7 +136,8 @@ def ties_delta(base, experts, p: TiesParams) -> dict[str, torch.Tensor]:
 
 
 def trim(rows: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
-    return rows if thresholds is None else rows * (rows.abs() >= thresholds)
+    """Zero, in place, the entries of each row below its threshold (ties kept)."""
+    return rows if thresholds is None else rows.mul_(rows.abs() >= thresholds)
 
 
 @method("ties_merging", params=TiesParams, category="merging")
