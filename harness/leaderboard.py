@@ -77,7 +77,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
         runs += [r for r in store.query(LATEST_RUNS, [suite, "all"]) if r["kind"] == "reference"]
     results = store.query(
         "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? AND run_id IN "
-        f"(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
+        "(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
     by_run: dict[str, dict[str, float]] = {}
     extras: dict[str, dict[str, dict[str, float]]] = {}
     for r in results:

@@ -13,7 +13,6 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness.tensors import StateDict

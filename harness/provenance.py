@@ -8,7 +8,6 @@ import threading
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 from harness import __version__
 from harness.paths import REPO_ROOT
