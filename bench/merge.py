@@ -16,6 +16,13 @@ every file once to warm the page cache, then runs each configuration in a fresh 
 
 Each configuration runs --repeat times in its fresh process; the fastest run is reported.
 
+--device cuda: fbh merges on the GPU (its streaming checkpoints hand out tensors there, read
+into page-locked buffers) and builds the model there; fusion-bench merges as it does (its
+model pool loads on the CPU) and its merged model is then moved to the GPU, so both sides
+end with a merged model where it will be evaluated. --dtype bfloat16 saves the checkpoints
+in bf16 (both sides merge in float32 and round to bf16). GPU peak memory is reported beside
+the host's.
+
 Timed: from the start of loading to a merged nn.Module, excluding Python/library
 imports (done before the clock starts, in both). Peak memory: the process's resident
 high-water mark minus its resident size after the imports. Output: max |fbh - fusion-bench|
@@ -44,7 +51,7 @@ METHODS = {
 
 # ----------------------------------------------------------------------------- workers
 
-def fbh_merge(method: str, base: Path, experts: list[Path]):
+def fbh_merge(method: str, base: Path, experts: list[Path], device: str, dtype: str):
     import torch
     from harness import registry
     from harness.api import FusionContext
@@ -52,21 +59,21 @@ def fbh_merge(method: str, base: Path, experts: list[Path]):
     from harness.spec import SuiteSpec
     names = [f"expert{i}" for i in range(len(experts))]
     spec = SuiteSpec.model_validate({
-        "name": "bench", "family": {"kind": "clip_vision", "base": str(base),
+        "name": "bench", "precision": dtype, "family": {"kind": "clip_vision", "base": str(base),
                                     "experts": {n: str(d) for n, d in zip(names, experts)}},
         "tasks": [{"name": n, "dataset": "/nonexistent"} for n in names]})
     info = registry.get(method)
     params = info.validate_params(METHODS[method])
 
     def run():
-        family = ClipVisionFamily(spec, base.parent / "bench.yaml", None, torch.device("cpu"))
+        family = ClipVisionFamily(spec, base.parent / "bench.yaml", None, torch.device(device))
         ctx = FusionContext(tasks=names, load_base=family.base_state, load_expert=family.expert_state,
                             build_module=family.build)
         return family.build(info.fn(ctx, params))
     return run
 
 
-def fusion_bench_merge(method: str, base: Path, experts: list[Path]):
+def fusion_bench_merge(method: str, base: Path, experts: list[Path], device: str):
     from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
     from fusion_bench.modelpool import CLIPVisionModelPool
     from omegaconf import OmegaConf
@@ -82,7 +89,7 @@ def fusion_bench_merge(method: str, base: Path, experts: list[Path]):
                                     merge_func=p["disjoint_merge"])
 
     def run():
-        return algorithm().run(CLIPVisionModelPool(models))
+        return algorithm().run(CLIPVisionModelPool(models)).to(device)
     return run
 
 
@@ -118,18 +125,24 @@ def worker(args) -> None:
         import harness.families.clip_vision  # noqa: F401
         from harness import registry
         registry.discover()
-        run = fbh_merge(args.method, base, experts)
+        run = fbh_merge(args.method, base, experts, args.device, args.dtype)
     elif args.impl == "fusion-bench":
         import fusion_bench.method  # noqa: F401
-        run = fusion_bench_merge(args.method, base, experts)
+        run = fusion_bench_merge(args.method, base, experts, args.device)
     else:
         run = read_all(args.impl, [d / "model.safetensors" for d in [base, *experts]])
     rss0 = rss_bytes()
+    gpu = args.device == "cuda"
+    if gpu:
+        torch.zeros(1, device="cuda")  # the CUDA context is made before the clock, like the imports
+        gpu0 = torch.cuda.memory_allocated()
     times = []
     for _ in range(args.repeat):  # the fastest of --repeat runs in this fresh process
         t0 = time.perf_counter()
         with torch.no_grad():
             out = run()
+        if gpu:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         if len(times) < args.repeat:
             del out
@@ -137,8 +150,9 @@ def worker(args) -> None:
     growth = peak_rss_bytes() - rss0
     if args.save and isinstance(out, torch.nn.Module):
         from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in out.state_dict().items()}, args.save)
-    write_result(args.result, seconds=seconds, peak_growth=growth)
+        save_file({k: v.contiguous().cpu() for k, v in out.state_dict().items()}, args.save)
+    write_result(args.result, seconds=seconds, peak_growth=growth,
+                 gpu_peak=torch.cuda.max_memory_allocated() - gpu0 if gpu else None)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -150,9 +164,10 @@ def max_abs_diff(a: str, b: str) -> float:
     return max(float((x[k].double() - y[k].double()).abs().max()) if x[k].numel() else 0.0 for k in x)
 
 
-def bench_size(size: str, n: int, scaling: list[int], methods: list[str], workdir: Path, repeat: int) -> None:
-    print(f"\n=== {size}: {n} experts (+ base) ===")
-    base, experts = make_checkpoints(size, n, workdir)
+def bench_size(size: str, n: int, scaling: list[int], methods: list[str], workdir: Path, repeat: int,
+               device: str, dtype: str) -> None:
+    print(f"\n=== {size}: {n} experts (+ base), {dtype} checkpoints, merged on {device} ===")
+    base, experts = make_checkpoints(size, n, workdir, dtype)
     files = [d / "model.safetensors" for d in [base, *experts]]
     total = sum(f.stat().st_size for f in files)
     print(f"checkpoints: {len(files)} files, {total / 2**20:.1f} MiB in all ({workdir}); page cache warmed")
@@ -161,8 +176,12 @@ def bench_size(size: str, n: int, scaling: list[int], methods: list[str], workdi
     def timed(impl, method, k, save=None):
         args = ["--impl", impl, "--method", method, "--base", str(base), *sum((["--expert", str(e)]
                 for e in experts[:k]), [])]
-        r = run_worker(Path(__file__), args + ["--repeat", str(repeat)] + (["--save", save] if save else []))
+        r = run_worker(Path(__file__), args + ["--repeat", str(repeat), "--device", device, "--dtype", dtype]
+                       + (["--save", save] if save else []))
+        gpu_peaks[impl] = r["gpu_peak"]
         return r["seconds"], r["peak_growth"]
+
+    gpu_peaks: dict[str, int | None] = {}
 
     read_s = {how: timed(how, "-", n)[0] for how in ("readinto", "load_file")}
     read_best = min(read_s.values())
@@ -178,8 +197,10 @@ def bench_size(size: str, n: int, scaling: list[int], methods: list[str], workdi
                 fb_s, fb_mem = timed("fusion-bench", method, k, f"{tmp}/fb.safetensors" if save else None)
                 diff = f"{max_abs_diff(f'{tmp}/fbh.safetensors', f'{tmp}/fb.safetensors'):10.2e}" if save else ""
                 ratio_read = f"{fbh_s / read_best:8.2f}" if k == n else ""
+                gpu = (f"   GPU peak+ fbh {fmt_bytes(gpu_peaks['fbh'])}, fb {fmt_bytes(gpu_peaks['fusion-bench'])}"
+                       if device == "cuda" else "")
                 print(f"{method:16s} {k:2d} {fbh_s:8.3f} {fb_s:14.3f} {fb_s / fbh_s:7.1f}x {ratio_read:>8s} "
-                      f"{fmt_bytes(fbh_mem):>12s} {fmt_bytes(fb_mem):>12s} {diff}", flush=True)
+                      f"{fmt_bytes(fbh_mem):>12s} {fmt_bytes(fb_mem):>12s} {diff}{gpu}", flush=True)
 
 
 def main() -> None:
@@ -193,6 +214,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration in its fresh process (fastest is reported)")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fbh-bench")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where fbh merges (see above)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="the checkpoints' dtype")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -200,7 +224,7 @@ def main() -> None:
     print("baseline: fusion-bench", __import__("importlib.metadata").metadata.version("fusion-bench"))
     for size in args.size or ["tiny"]:
         bench_size(size, args.experts, [int(x) for x in args.scaling.split(",") if x], args.methods.split(","),
-                   args.workdir, args.repeat)
+                   args.workdir, args.repeat, args.device, args.dtype)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,13 @@ def sub_state(state: StateDict, prefix: str) -> StateDict:
     return {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
 
 
+def held_like(module: nn.Module) -> dict:
+    """device= and dtype= of a module's parameters, for new layers added beside them (a router
+    in a bfloat16 suite's model is bfloat16 too, on the same device)."""
+    p = next(module.parameters())
+    return {"device": p.device, "dtype": p.dtype}
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -65,7 +72,7 @@ class MoEMLP(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.top_k = min(top_k or len(experts), len(experts))
-        self.router = nn.Linear(hidden_size, len(experts), bias=False)
+        self.router = nn.Linear(hidden_size, len(experts), bias=False, **held_like(experts[0]))
         nn.init.zeros_(self.router.weight)
 
     def forward(self, hidden: Tensor) -> Tensor:
@@ -119,13 +126,16 @@ class WeightEnsemblingMLP(nn.Module):
         for name, layer in list(base_mlp.named_modules()):
             if isinstance(layer, nn.Linear):
                 bias = None if layer.bias is None else torch.stack([tv[f"{name}.bias"] for tv in task_vectors])
-                wrapped = _EnsembledLinear(layer, torch.stack([tv[f"{name}.weight"] for tv in task_vectors]), bias)
+                weights = torch.stack([tv[f"{name}.weight"] for tv in task_vectors])
+                wrapped = _EnsembledLinear(layer, weights.to(layer.weight.dtype),
+                                           None if bias is None else bias.to(layer.weight.dtype))
                 set_submodule(self.mlp, name, wrapped)
                 self._ensembled.append(wrapped)
         layers: list[nn.Module] = []
+        like = held_like(base_mlp)
         for _ in range(router_hidden_layers - 1):
-            layers += [nn.Linear(hidden_size, hidden_size), nn.ReLU()]
-        layers.append(nn.Linear(hidden_size, len(task_vectors)))
+            layers += [nn.Linear(hidden_size, hidden_size, **like), nn.ReLU()]
+        layers.append(nn.Linear(hidden_size, len(task_vectors), **like))
         self.router = nn.Sequential(*layers)
         with torch.no_grad():
             for m in self.router:
@@ -168,11 +178,12 @@ class SmileMoELinear(nn.Module):
             us.append(u[:, :k])
             svhs.append(s[:k, None] * vh[:k])
             biases.append((m.bias - pretrained.bias).detach() if pretrained.bias is not None
-                          else torch.zeros(pretrained.out_features))
-        self.gate = nn.Parameter(torch.stack(gates), requires_grad=False)       # [E, gate_k, in]
-        self.u = nn.Parameter(torch.stack(us), requires_grad=False)             # [E, out, k]
-        self.svh = nn.Parameter(torch.stack(svhs), requires_grad=False)         # [E, k, in]
-        self.bias_delta = nn.Parameter(torch.stack(biases), requires_grad=False)  # [E, out]
+                          else torch.zeros(pretrained.out_features, device=pretrained.weight.device))
+        dtype = pretrained.weight.dtype  # the SVD runs in float32; the factors are held like the model
+        self.gate = nn.Parameter(torch.stack(gates).to(dtype), requires_grad=False)       # [E, gate_k, in]
+        self.u = nn.Parameter(torch.stack(us).to(dtype), requires_grad=False)             # [E, out, k]
+        self.svh = nn.Parameter(torch.stack(svhs).to(dtype), requires_grad=False)         # [E, k, in]
+        self.bias_delta = nn.Parameter(torch.stack(biases).to(dtype), requires_grad=False)  # [E, out]
 
     @property
     def weight(self) -> Tensor:  # callers read a linear layer's dtype/device from .weight

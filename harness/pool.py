@@ -72,9 +72,10 @@ def read_exactly(fd: int, into: Tensor, offset: int, path: str) -> None:
         done += n
 
 
-def read_tensor(entry: Entry, fd: int | None = None) -> Tensor:
-    """One tensor, read into a fresh (writable, unshared) buffer."""
-    buf = torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_tensor(entry: Entry, fd: int | None = None, pinned: bool = False) -> Tensor:
+    """One tensor, read into a fresh (writable, unshared) buffer; pinned: in page-locked memory,
+    from which a copy to a GPU runs at full speed and asynchronously."""
+    buf = torch.empty(entry.nbytes, dtype=torch.uint8, pin_memory=pinned)
     if fd is None:
         with open(entry.path, "rb", buffering=0) as f:
             read_exactly(f.fileno(), buf, entry.start, entry.path)
@@ -140,11 +141,10 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         entry = self._index[key]
-        t = read_tensor(entry, self._fd(entry.path))
-        dtype = self._dtypes.get(key, t.dtype)
-        if self.device.type == "cuda":
-            t = t.pin_memory()
-        return t.to(device=self.device, dtype=dtype, non_blocking=self.device.type == "cuda")
+        on_gpu = self.device.type == "cuda"
+        t = read_tensor(entry, self._fd(entry.path), pinned=on_gpu)
+        # The cast runs on the target device: a GPU casts as it receives, the CPU is spared it.
+        return t.to(device=self.device, non_blocking=on_gpu).to(self._dtypes.get(key, t.dtype))
 
     def identity(self) -> str:
         """Which weights these are, for caching what they compute: each file's path, size and

@@ -118,6 +118,10 @@ class SuiteSpec(Strict):
     generalization: list[GeneralizationSpec] = Field(default_factory=list)
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     eval_batch_size: int = Field(256, ge=1, le=65536)
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="the dtype every model of the suite is held, merged into and run in: checkpoints "
+                               "are cast to it when loaded, merges accumulate in float32 and round to it; one "
+                               "precision per suite keeps every row of its leaderboard comparable")
     fusion_budget_seconds: float | None = Field(
         None, gt=0, description="wall-clock seconds one run's fusion may take (for a CPU suite, on 2 cores); "
                                 "a run over it fails, naming the time it took")

@@ -22,7 +22,8 @@ def random_drop(tv: StateDict, rate: float, rescale: bool, generator: torch.Gene
     """
     out = {}
     for k, v in tv.items():
-        keep = torch.rand(v.shape, generator=generator, dtype=v.dtype) > rate
+        # drawn on the CPU whatever the device, so a seed gives the same masks on every machine
+        keep = (torch.rand(v.shape, generator=generator, dtype=v.dtype) > rate).to(v.device)
         dropped = v * keep
         out[k] = dropped / (1 - rate) if rescale and rate < 1 else dropped
     return out

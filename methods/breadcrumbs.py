@@ -33,8 +33,8 @@ class BreadcrumbsParams(Params):
 def breadcrumbs_mask(t: torch.Tensor, drop_small: float, drop_large: float) -> torch.Tensor:
     """Keep the entries ranked (by |t|) in [n*drop_small, n - n*drop_large); ties broken by position."""
     n = t.numel()
-    rank = torch.empty(n, dtype=torch.long)
-    rank[t.abs().flatten().argsort(stable=True)] = torch.arange(n)
+    rank = torch.empty(n, dtype=torch.long, device=t.device)
+    rank[t.abs().flatten().argsort(stable=True)] = torch.arange(n, device=t.device)
     keep = (rank >= int(n * drop_small)) & (rank < n - int(n * drop_large))
     return keep.view_as(t)
 

@@ -42,7 +42,7 @@ def drop_probabilities(t: torch.Tensor, drop_rate: float, epsilon: float) -> tor
 
 def magprune(t: torch.Tensor, drop_rate: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
     p = drop_probabilities(t, drop_rate, epsilon)
-    keep = torch.rand(t.shape, generator=generator) >= p
+    keep = torch.rand(t.shape, generator=generator).to(t.device) >= p  # CPU draws: the same on every device
     return t * keep / (1 - p)
 
 

@@ -36,7 +36,7 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     bracket, and kthvalue runs on the few entries inside it. Falls back to the plain
     kthvalue if the bracket misses (vanishingly rare with a million-entry sample)."""
     n = x.numel()
-    if n <= 1 << 22:
+    if n <= 1 << 22 or x.device.type != "cpu":  # a GPU's kthvalue is a radix select: fast as it is
         return x.kthvalue(k).values
     m = 1 << 20
     sample = x[torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))]
@@ -91,7 +91,7 @@ def global_thresholds(ref: dict[str, torch.Tensor], experts, keys: list[str], to
     if total - int(total * top_k) <= 0:
         return None
     rows = []
-    magnitudes = torch.empty(total)
+    magnitudes = torch.empty(total, device=ref[keys[0]].device)
     for e in experts:
         offset = 0
         for k, n in zip(keys, sizes):
@@ -118,16 +118,19 @@ def ties_delta(base, experts, p: TiesParams) -> dict[str, torch.Tensor]:
                 out[k] = elect_and_merge(trim(rows, trim_thresholds(rows.abs(), p.top_k)), p.disjoint_merge)
                 out[k] = out[k].view(ref[k].shape)
                 continue
-            merged = torch.empty(rows.shape[1])
-            for a in range(0, rows.shape[1], COLUMNS):  # pieces whose ten elementwise passes stay in cache
-                piece = trim(rows[:, a:a + COLUMNS].contiguous(), thresholds)
+            merged = torch.empty(rows.shape[1], device=rows.device)
+            # On a GPU a whole entry is one piece: launches, not cache, are what costs there.
+            columns = COLUMNS if rows.device.type == "cpu" else rows.shape[1]
+            for a in range(0, rows.shape[1], columns):  # pieces whose ten elementwise passes stay in cache
+                piece = trim(rows[:, a:a + columns].contiguous(), thresholds)
                 sign = torch.sign(piece.sum(dim=0))
                 votes += int(sign.sum())
                 tied = (sign == 0).nonzero().squeeze(1)
                 tied = tied[(piece[:, tied] != 0).any(dim=0)]
                 if tied.numel():  # merged as negative below; kept in case the whole vector votes positive
-                    ties.append((k, tied + a, disjoint_merge(piece[:, tied], torch.ones(tied.numel()), p.disjoint_merge)))
-                merged[a:a + COLUMNS] = disjoint_merge(piece, sign, p.disjoint_merge)
+                    if_positive = torch.ones(tied.numel(), device=piece.device)
+                    ties.append((k, tied + a, disjoint_merge(piece[:, tied], if_positive, p.disjoint_merge)))
+                merged[a:a + columns] = disjoint_merge(piece, sign, p.disjoint_merge)
             out[k] = merged.view(ref[k].shape)
         if votes > 0:  # entries whose votes cancel take the majority sign of the whole vector
             for k, tied, if_positive in ties:

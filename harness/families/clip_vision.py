@@ -52,7 +52,7 @@ class ClipVisionFamily(FamilyBase):
         lazy = self._lazy_state(self.resolve(ref, field))
         if lazy is not None:
             return lazy
-        return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
+        return self.held(self.load_model(ref, field))
 
     def _lazy_state(self, resolved: str) -> LazyStateDict | None:
         if not Path(resolved).is_dir():  # a hub id: transformers resolves it (and its revision)
@@ -66,7 +66,8 @@ class ClipVisionFamily(FamilyBase):
             found.update(read_header(f))
         if found.keys() != expected.keys() or any(found[k].shape != tuple(v.shape) for k, v in expected.items()):
             return None  # e.g. a full CLIPModel checkpoint: its prefixed keys need transformers' loader
-        return LazyStateDict(files, keys=list(expected), dtypes={k: v.dtype for k, v in expected.items()})
+        return LazyStateDict(files, keys=list(expected), dtypes={k: v.dtype for k, v in expected.items()},
+                             device=self.device)
 
     def base_state(self) -> StateDict:
         return self.load_state(self.suite.family.base, "family.base")

@@ -29,6 +29,7 @@ class FamilyBase:
         self.suite_file = suite_file
         self.resolve = Resolver(suite_file, zoo_dir)
         self.device = device
+        self.dtype = getattr(torch, suite.precision)
         self._template = None
 
     def load_model(self, ref: str, field: str):
@@ -37,8 +38,20 @@ class FamilyBase:
 
     def template(self):
         if self._template is None:
-            self._template = self.load_model(self.suite.family.base, "family.base")
+            self._template = self.load_model(self.suite.family.base, "family.base").to(self.dtype)
         return self._template
+
+    def held(self, source, copy: bool = False) -> dict[str, Tensor]:
+        """A module's (or a state dict's) tensors as the suite holds checkpoints: detached, floating
+        entries in its precision (a no-op at float32), on its device, so merges run where the
+        models will. copy: never share storage with source (a template that builds models later)."""
+        state = source.state_dict() if isinstance(source, torch.nn.Module) else source
+        out = {}
+        for k, v in state.items():
+            v = v.detach()
+            held = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = held.clone() if copy and held is v else held
+        return out
 
     def build(self, state):
         """A runnable model that holds `state`'s tensors themselves (load_state_dict with

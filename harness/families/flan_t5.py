@@ -50,7 +50,7 @@ class FlanT5Family(FamilyBase):
 
     def load_state(self, ref: str, field: str) -> StateDict:
         if self._adapter_config(ref) is None:
-            return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
+            return self.held(self.load_model(ref, field))
         from peft import PeftModel
         resolved = Path(self.resolve(ref, field))
         if not self.suite.family.allow_pickle and resolved.exists() \
@@ -64,10 +64,10 @@ class FlanT5Family(FamilyBase):
             raise SuiteUnavailable(f"cannot load LoRA adapter '{ref}': {str(exc).splitlines()[0]}",
                                    file=str(self.suite_file), field=field, fix=HUB_FIX) from None
         # The paper merges and unloads LoRA adapters, then fuses the dense models.
-        return {k: v.detach() for k, v in adapted.merge_and_unload().state_dict().items()}
+        return self.held(adapted.merge_and_unload())
 
     def base_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+        return self.held(self.template(), copy=True)
 
     def expert_state(self, task: str) -> StateDict:
         return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")

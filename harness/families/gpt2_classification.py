@@ -35,17 +35,17 @@ class Gpt2ClassificationFamily(FamilyBase):
         return self._load(GPT2Model.from_pretrained, ref, field)
 
     def base_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+        return self.held(self.template(), copy=True)
 
     def load_state(self, ref: str, field: str) -> StateDict:
-        return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
+        return self.held(self.load_model(ref, field))
 
     def expert_state(self, task: str) -> StateDict:
         from transformers import GPT2ForSequenceClassification
         classifier = self._load(GPT2ForSequenceClassification.from_pretrained, self.suite.family.experts[task],
                                 f"family.experts.{task}")
         self._heads[task] = classifier.score.weight.detach().float()
-        return {k: v.detach() for k, v in classifier.transformer.state_dict().items()}
+        return self.held(classifier.transformer)
 
     # -- heads -------------------------------------------------------------------
     def head(self, task: str) -> Tensor:

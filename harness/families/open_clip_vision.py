@@ -112,7 +112,7 @@ class OpenClipVisionFamily(ClipVisionFamily):
 
     def load_state(self, ref: str, field: str) -> StateDict:
         if ref == self.suite.family.base:
-            return {k: v.detach() for k, v in self.template().state_dict().items()}
+            return self.held(self.template())
         return self._expert_weights(ref, field)
 
     def _expert_weights(self, ref: str, field: str) -> StateDict:
@@ -148,7 +148,7 @@ class OpenClipVisionFamily(ClipVisionFamily):
         if wrong:
             raise FbhError(f"'{ref}' has other shapes than the base for {wrong[:3]}", file=str(self.suite_file),
                            field=field, fix="use experts fine-tuned from this base architecture")
-        return state
+        return self.held(state)
 
     # -- heads -------------------------------------------------------------------
     @torch.no_grad()

@@ -157,10 +157,10 @@ class ResnetNyuv2Family(FamilyBase):
                                       ref, field).eval())
 
     def base_state(self) -> StateDict:
-        return {k: v.detach().clone() for k, v in self.template().state_dict().items()}
+        return self.held(self.template(), copy=True)
 
     def load_state(self, ref: str, field: str) -> StateDict:
-        return {k: v.detach() for k, v in self.load_model(ref, field).state_dict().items()}
+        return self.held(self.load_model(ref, field))
 
     def expert_state(self, task: str) -> StateDict:
         return self.load_state(self.suite.family.experts[task], f"family.experts.{task}")
