@@ -25,9 +25,14 @@ step() { local name=$1 limit=$2; shift 2; echo "=== $name ($(date +%T))"; timeou
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, transformers, datasets, duckdb, pydantic, fusion_bench; print('torch', torch.__version__, \
 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| datasets', datasets.__version__)"
-step pytest 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_precision_devices.py -rA -s
-step merge-f32 170 python3 bench/merge.py --size vit-b32 --scaling 8 --device cuda --repeat 2 --workdir /tmp/fbh-bench
-step merge-bf16 60 python3 bench/merge.py --size vit-b32 --scaling 8 --device cuda --dtype bfloat16 --repeat 2 \
-  --methods task_arithmetic --workdir /tmp/fbh-bench
-step eval 120 python3 bench/eval.py --synthetic vit-b32 --device cuda --precision float32,bfloat16,float16 \
+# Steps to run: the arguments (default all); MERGE_METHODS narrows the float32 merge benchmark.
+STEPS=${*:-pytest merge-f32 merge-bf16 eval}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+want pytest && step pytest 200 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_precision_devices.py -rA -s
+want merge-f32 && step merge-f32 170 python3 bench/merge.py --size vit-b32 --scaling 8 --device cuda --repeat 2 \
+  --methods "${MERGE_METHODS:-task_arithmetic,simple_average,ties_merging}" --workdir /tmp/fbh-bench
+want merge-bf16 && step merge-bf16 110 python3 bench/merge.py --size vit-b32 --scaling 8 --device cuda --dtype bfloat16 \
+  --repeat 2 --methods task_arithmetic --workdir /tmp/fbh-bench
+want eval && step eval 120 python3 bench/eval.py --synthetic vit-b32 --device cuda --precision float32,bfloat16,float16 \
   --fb-workers 8 --images 1024 --repeat 3
+exit 0

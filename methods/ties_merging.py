@@ -36,15 +36,17 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     bracket, and kthvalue runs on the few entries inside it. Falls back to the plain
     kthvalue if the bracket misses (vanishingly rare with a million-entry sample)."""
     n = x.numel()
-    if n <= 1 << 22 or x.device.type != "cpu":  # a GPU's kthvalue is a radix select: fast as it is
+    if n <= 1 << 22:
         return x.kthvalue(k).values
     m = 1 << 20
-    sample = x[torch.randint(n, (m,), generator=torch.Generator().manual_seed(0))]
+    sample = x[torch.randint(n, (m,), generator=torch.Generator().manual_seed(0)).to(x.device)]
     q, margin = k / n, 0.003  # a quantile estimated from 2^20 draws is off by < 0.0005 (1 sd)
     lo = sample.kthvalue(max(1, int((q - margin) * m))).values
     hi = sample.kthvalue(min(m, int((q + margin) * m) + 1)).values
     below, pieces = 0, []
-    for piece in x.split(CHUNK):  # cache-sized pieces: each is compared three times
+    # On the CPU cache-sized pieces, each compared three times; a GPU takes the whole vector
+    # (where kthvalue on one huge slice is slow: TIES over 8 ViT-B/32 experts took 5.8 s with it).
+    for piece in x.split(CHUNK) if x.device.type == "cpu" else [x]:
         below += int((piece < lo).sum())
         pieces.append(piece[(piece >= lo) & (piece <= hi)])
     inside = torch.cat(pieces)

@@ -89,7 +89,7 @@ def test_cli_lists_and_validates(fbh_env):
         assert fbh(*cmd, "--help").exit_code == 0
 
 
-def test_zoo_is_the_same_with_one_fine_tuning_worker_or_several(fbh_env, tmp_path, monkeypatch):
+def test_zoo_is_the_same_with_one_fine_tuning_worker_or_several_forked_or_spawned(fbh_env, tmp_path, monkeypatch):
     """Experts and the MTL model are fine-tuned in parallel processes, each single-threaded and
     seeded by its job, so the number of cores must not change a single weight."""
     import torch
@@ -98,13 +98,18 @@ def test_zoo_is_the_same_with_one_fine_tuning_worker_or_several(fbh_env, tmp_pat
     from harness.zoo import resolved_recipe, tiny_vision
     recipe = resolved_recipe("tiny_vision", SMALL_RECIPE)
     tiny_vision.build(tmp_path / "parallel", recipe, lambda m: None)
+    # Where a GPU is visible the workers are spawned and sent the data, not forked.
+    with monkeypatch.context() as gpu_visible:
+        gpu_visible.setattr(torch.cuda, "is_available", lambda: True)
+        tiny_vision.build(tmp_path / "spawned", recipe, lambda m: None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     tiny_vision.build(tmp_path / "serial", recipe, lambda m: None)
     files = sorted(p.relative_to(tmp_path / "serial") for p in (tmp_path / "serial").rglob("*.safetensors"))
     assert len(files) == len(recipe["tasks"]) + 3  # experts, MTL, base, heads
-    for f in files:
-        a, b = load_file(tmp_path / "serial" / f), load_file(tmp_path / "parallel" / f)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    for other in ("parallel", "spawned"):
+        for f in files:
+            a, b = load_file(tmp_path / "serial" / f), load_file(tmp_path / other / f)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (other, f)
 
 
 def test_expert_outputs_are_computed_once_for_every_ensemble(fbh_env, write_yaml, tmp_path, monkeypatch):

@@ -615,19 +615,30 @@ def _run_finetune(job: FinetuneJob) -> tuple[FinetuneJob, str]:
     return job, messages[-1]
 
 
+def _receive_shared(shared: dict[str, Any]) -> None:
+    _SHARED.update(shared)
+
+
 def run_finetunes(jobs: list[FinetuneJob], base, recipe, data, heads):
     """Fine-tune every job, one process per core (each single-threaded, seeded by its job),
     so the zoo is the same whatever the number of workers; yields (job, message) as each ends.
-    Fork, because the workers need the parent's base model and data, not a fresh import."""
+    Forked workers inherit the parent's base model and data instead of a fresh import. With a
+    GPU visible, PyTorch's autograd has started device threads in this process (pre-training),
+    and a forked child cannot run autograd: there the workers are spawned and sent the data."""
     import multiprocessing
     import os
-    _SHARED.update(base=base, recipe=recipe, data=data, heads=heads)
+    shared = dict(base=base, recipe=recipe, data=data, heads=heads)
+    _SHARED.update(shared)
     workers = min(len(jobs), len(os.sched_getaffinity(0)))
     try:
         if workers <= 1:
             yield from map(_run_finetune, jobs)
             return
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        if torch.cuda.is_available():
+            pool = multiprocessing.get_context("spawn").Pool(workers, _receive_shared, (shared,))
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        with pool:
             yield from pool.imap_unordered(_run_finetune, jobs)
     finally:
         _SHARED.clear()
