@@ -127,10 +127,15 @@ class LazyStateDict(Mapping[str, Tensor]):
         self._fds: dict[str, int] = {}
 
     def _fd(self, path: str) -> int:
-        # Kept open: a chunked merge reads each tensor in many small pieces.
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        # Kept open: a chunked merge reads each tensor in many small pieces, from several
+        # threads (dict.setdefault is atomic, so two first reads keep one descriptor).
+        fd = self._fds.get(path)
+        if fd is None:
+            opened = os.open(path, os.O_RDONLY)
+            fd = self._fds.setdefault(path, opened)
+            if fd != opened:
+                os.close(opened)
+        return fd
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():

@@ -7,6 +7,9 @@ non-floating entries (position ids, counters) are taken from the base unchanged.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -86,6 +89,40 @@ def _pieces(n: int):
     return ((start, min(n, start + CHUNK)) for start in range(0, n, CHUNK))
 
 
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@functools.lru_cache(maxsize=1)
+def _threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(cores(), thread_name_prefix="fbh-merge")
+
+
+def parallel_map(fn: Callable, items: Sequence) -> list:
+    """[fn(x) for x in items], on one thread per core. For independent work over tensors that
+    runs torch single-threaded (inside single_thread()): file reads and torch's kernels release
+    the GIL, and no thread waits on a descheduled one as OpenMP's barriers do. Results come in
+    the order of items, whichever thread computed them."""
+    if len(items) <= 1 or cores() <= 1:
+        return [fn(x) for x in items]
+    return list(_threads().map(fn, items))
+
+
+def over_pieces(n: int, work: Callable[[int, int, Tensor], object]) -> None:
+    """work(a, b, scratch) for every piece [a, b) of n elements, where scratch is a float32
+    buffer of at least b - a elements that the piece may use. Pieces are independent, so they
+    are dealt out to one thread per core (parallel_map), each with its own scratch. Each
+    piece's arithmetic is the same on any thread: the result does not depend on them."""
+    pieces = list(_pieces(n))
+    workers = min(len(pieces), cores())
+
+    def deal(first: int) -> None:
+        scratch = torch.empty(min(CHUNK, n))
+        for a, b in pieces[first::workers]:
+            work(a, b, scratch)
+    parallel_map(deal, range(workers))
+
+
 def mean(states: Sequence[StateDict], key: str) -> Tensor:
     """The float32 mean of one entry over several state dicts, accumulated in place one
     state at a time (the same summation order as FusionBench's state_dict_add): from
@@ -94,13 +131,15 @@ def mean(states: Sequence[StateDict], key: str) -> Tensor:
     if chunked(states, key):
         shape = first.shape(key)
         total = torch.empty(shape).reshape(-1)
-        scratch = torch.empty(min(CHUNK, total.numel()))
+
+        def piece(a: int, b: int, scratch: Tensor) -> None:
+            part = first.read_slice(key, a, total[a:b])
+            for s in states[1:]:
+                part.add_(s.read_slice(key, a, scratch[:b - a]))
+            part.div_(len(states))
         with single_thread():
-            for a, b in _pieces(total.numel()):
-                part = first.read_slice(key, a, total[a:b])
-                for s in states[1:]:
-                    part.add_(s.read_slice(key, a, scratch[:b - a]))
-        return total.div_(len(states)).reshape(shape)
+            over_pieces(total.numel(), piece)
+        return total.reshape(shape)
     total = writable_float(first, key)
     for s in states[1:]:
         total.add_(s[key].to(total.device))
@@ -123,14 +162,15 @@ def delta_sum(states: Sequence[StateDict], key: str, base_tensor: Tensor,
     if base.device.type == "cpu" and chunked(states, key):
         flat = base.reshape(-1)
         total = torch.empty_like(flat)
-        scratch = torch.empty(min(CHUNK, flat.numel()))
+
+        def piece(a: int, b: int, scratch: Tensor) -> None:
+            ref = flat[a:b]
+            part = states[0].read_slice(key, a, total[a:b]).sub_(ref)
+            for s in states[1:]:
+                part.add_(s.read_slice(key, a, scratch[:b - a]).sub_(ref))
+            then(part, ref)
         with single_thread():
-            for a, b in _pieces(flat.numel()):
-                ref = flat[a:b]
-                part = states[0].read_slice(key, a, total[a:b]).sub_(ref)
-                for s in states[1:]:
-                    part.add_(s.read_slice(key, a, scratch[:b - a]).sub_(ref))
-                then(part, ref)
+            over_pieces(flat.numel(), piece)
         return total.reshape(base.shape)
     total = None
     for s in states:

@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
-from harness.tensors import CHUNK, apply_delta, mergeable, single_thread
+from harness.tensors import CHUNK, apply_delta, mergeable, parallel_map, single_thread
 
 
 class TiesParams(Params):
@@ -43,13 +43,14 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     q, margin = k / n, 0.003  # a quantile estimated from 2^20 draws is off by < 0.0005 (1 sd)
     lo = sample.kthvalue(max(1, int((q - margin) * m))).values
     hi = sample.kthvalue(min(m, int((q + margin) * m) + 1)).values
-    below, pieces = 0, []
-    # On the CPU cache-sized pieces, each compared three times; a GPU takes the whole vector
-    # (where kthvalue on one huge slice is slow: TIES over 8 ViT-B/32 experts took 5.8 s with it).
-    for piece in x.split(CHUNK) if x.device.type == "cpu" else [x]:
-        below += int((piece < lo).sum())
-        pieces.append(piece[(piece >= lo) & (piece <= hi)])
-    inside = torch.cat(pieces)
+    # On the CPU cache-sized pieces, each compared three times, shared among the cores; a GPU
+    # takes the whole vector (where kthvalue on one huge slice is slow: TIES over 8 ViT-B/32
+    # experts took 5.8 s with it).
+    def count(piece: torch.Tensor) -> tuple[int, torch.Tensor]:
+        return int((piece < lo).sum()), piece[(piece >= lo) & (piece <= hi)]
+    counted = parallel_map(count, x.split(CHUNK)) if x.device.type == "cpu" else [count(x)]
+    below = sum(n for n, _ in counted)
+    inside = torch.cat([kept for _, kept in counted])
     if below < k <= below + inside.numel():
         return inside.kthvalue(k - below).values
     return x.kthvalue(k).values
@@ -94,11 +95,12 @@ def global_thresholds(ref: dict[str, torch.Tensor], experts, keys: list[str], to
         return None
     rows = []
     magnitudes = torch.empty(total, device=ref[keys[0]].device)
+    offsets = [sum(sizes[:i]) for i in range(len(keys))]
     for e in experts:
-        offset = 0
-        for k, n in zip(keys, sizes):
-            torch.sub(e[k].float().reshape(-1), ref[k].reshape(-1), out=magnitudes[offset:offset + n]).abs_()
-            offset += n
+        def fill(i: int, e=e) -> None:
+            k, a = keys[i], offsets[i]
+            torch.sub(e[k].float().reshape(-1), ref[k].reshape(-1), out=magnitudes[a:a + sizes[i]]).abs_()
+        on_threads(ref)(fill, range(len(keys)))
         rows.append(trim_thresholds(magnitudes.unsqueeze(0), top_k))
     return torch.cat(rows)
 
@@ -114,30 +116,45 @@ def ties_delta(base, experts, p: TiesParams) -> dict[str, torch.Tensor]:
         ref = {k: base[k].float() for k in keys}
         thresholds = global_thresholds(ref, experts, keys, p.top_k) if p.top_k_scope == "global" else None
         out, ties, votes = {}, [], 0
-        for k in keys:
-            rows = torch.stack([(e[k].float() - ref[k]).reshape(-1) for e in experts])
-            if p.top_k_scope == "per_tensor":
-                out[k] = elect_and_merge(trim(rows, trim_thresholds(rows.abs(), p.top_k)), p.disjoint_merge)
-                out[k] = out[k].view(ref[k].shape)
-                continue
-            merged = torch.empty(rows.shape[1], device=rows.device)
-            # On a GPU a whole entry is one piece: launches, not cache, are what costs there.
-            columns = COLUMNS if rows.device.type == "cpu" else rows.shape[1]
-            for a in range(0, rows.shape[1], columns):  # pieces whose ten elementwise passes stay in cache
-                piece = trim(rows[:, a:a + columns].contiguous(), thresholds)
-                sign = torch.sign(piece.sum(dim=0))
-                votes += int(sign.sum())
-                tied = (sign == 0).nonzero().squeeze(1)
-                tied = tied[(piece[:, tied] != 0).any(dim=0)]
-                if tied.numel():  # merged as negative below; kept in case the whole vector votes positive
-                    if_positive = torch.ones(tied.numel(), device=piece.device)
-                    ties.append((k, tied + a, disjoint_merge(piece[:, tied], if_positive, p.disjoint_merge)))
-                merged[a:a + columns] = disjoint_merge(piece, sign, p.disjoint_merge)
-            out[k] = merged.view(ref[k].shape)
+        for k, (merged, entry_ties, entry_votes) in zip(keys, on_threads(ref)(lambda k: merge_entry(
+                k, ref[k], experts, thresholds, p), keys)):
+            out[k] = merged
+            ties += entry_ties
+            votes += entry_votes
         if votes > 0:  # entries whose votes cancel take the majority sign of the whole vector
             for k, tied, if_positive in ties:
                 out[k].view(-1)[tied] = if_positive
     return out
+
+
+def on_threads(ref: dict[str, torch.Tensor]):
+    """parallel_map on the CPU, where entries and pieces are shared among the cores; a GPU's
+    kernels are issued from this thread."""
+    return parallel_map if next(iter(ref.values())).device.type == "cpu" else lambda fn, xs: list(map(fn, xs))
+
+
+def merge_entry(k: str, ref: torch.Tensor, experts, thresholds: torch.Tensor | None, p: TiesParams):
+    """One entry's merged task vector, the entries whose votes cancel (with what they become
+    if the whole vector votes positive), and the entry's sum of elected signs."""
+    rows = torch.stack([(e[k].float() - ref).reshape(-1) for e in experts])
+    if p.top_k_scope == "per_tensor":
+        merged = elect_and_merge(trim(rows, trim_thresholds(rows.abs(), p.top_k)), p.disjoint_merge)
+        return merged.view(ref.shape), [], 0
+    merged = torch.empty(rows.shape[1], device=rows.device)
+    ties, votes = [], 0
+    # On a GPU a whole entry is one piece: launches, not cache, are what costs there.
+    columns = COLUMNS if rows.device.type == "cpu" else rows.shape[1]
+    for a in range(0, rows.shape[1], columns):  # pieces whose ten elementwise passes stay in cache
+        piece = trim(rows[:, a:a + columns].contiguous(), thresholds)
+        sign = torch.sign(piece.sum(dim=0))
+        votes += int(sign.sum())
+        tied = (sign == 0).nonzero().squeeze(1)
+        tied = tied[(piece[:, tied] != 0).any(dim=0)]
+        if tied.numel():  # merged as negative below; kept in case the whole vector votes positive
+            if_positive = torch.ones(tied.numel(), device=piece.device)
+            ties.append((k, tied + a, disjoint_merge(piece[:, tied], if_positive, p.disjoint_merge)))
+        merged[a:a + columns] = disjoint_merge(piece, sign, p.disjoint_merge)
+    return merged.view(ref.shape), ties, votes
 
 
 def trim(rows: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
