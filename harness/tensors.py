@@ -98,6 +98,10 @@ def _threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(cores(), thread_name_prefix="fbh-merge")
 
 
+# A forked child has none of its parent's threads: it makes its own pool when it needs one.
+os.register_at_fork(after_in_child=_threads.cache_clear)
+
+
 def parallel_map(fn: Callable, items: Sequence) -> list:
     """[fn(x) for x in items], on one thread per core. For independent work over tensors that
     runs torch single-threaded (inside single_thread()): file reads and torch's kernels release

@@ -172,3 +172,21 @@ def test_read_slice_reads_pieces_and_refuses_what_it_cannot_serve(tmp_path):
         lazy.read_slice("pos_ids", 0, torch.empty(2))
     clone = pickle.loads(pickle.dumps(lazy))  # open descriptors stay behind; the copy opens its own
     assert torch.equal(clone["a.bias"], state["a.bias"])
+
+
+def test_merge_threads_keep_order_and_survive_fork():
+    """parallel_map returns results in the order of its items; a forked child (the zoo's
+    fine-tuning workers, data-loader workers) has none of the parent's threads and makes its own."""
+    import os
+    from harness.tensors import parallel_map
+    assert parallel_map(lambda x: x * x, list(range(50))) == [x * x for x in range(50)]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # never returns into pytest, whatever happens
+        try:
+            os.write(write, repr(parallel_map(lambda x: x + 1, [1, 2, 3])).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 100) == b"[2, 3, 4]"
+    os.waitpid(pid, 0)
