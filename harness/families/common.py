@@ -49,8 +49,8 @@ class FamilyBase:
         out = {}
         for k, v in state.items():
             v = v.detach()
-            held = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-            out[k] = held.clone() if copy and held is v else held
+            t = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            out[k] = t.clone() if copy and t is v else t
         return out
 
     def build(self, state):
