@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Sequence
 
@@ -93,9 +94,12 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+THREAD_PREFIX = "fbh-merge"
+
+
 @functools.lru_cache(maxsize=1)
 def _threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(cores(), thread_name_prefix="fbh-merge")
+    return ThreadPoolExecutor(cores(), thread_name_prefix=THREAD_PREFIX)
 
 
 # A forked child has none of its parent's threads: it makes its own pool when it needs one.
@@ -106,8 +110,10 @@ def parallel_map(fn: Callable, items: Sequence) -> list:
     """[fn(x) for x in items], on one thread per core. For independent work over tensors that
     runs torch single-threaded (inside single_thread()): file reads and torch's kernels release
     the GIL, and no thread waits on a descheduled one as OpenMP's barriers do. Results come in
-    the order of items, whichever thread computed them."""
-    if len(items) <= 1 or cores() <= 1:
+    the order of items, whichever thread computed them. Called from one of these threads
+    (TIES' per-entry work finding a k-th value), it runs in that thread: waiting there on the
+    pool's other, equally busy threads would deadlock."""
+    if len(items) <= 1 or cores() <= 1 or threading.current_thread().name.startswith(THREAD_PREFIX):
         return [fn(x) for x in items]
     return list(_threads().map(fn, items))
 

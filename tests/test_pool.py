@@ -174,12 +174,15 @@ def test_read_slice_reads_pieces_and_refuses_what_it_cannot_serve(tmp_path):
     assert torch.equal(clone["a.bias"], state["a.bias"])
 
 
-def test_merge_threads_keep_order_and_survive_fork():
+def test_merge_threads_keep_order_nest_and_survive_fork():
     """parallel_map returns results in the order of its items; a forked child (the zoo's
     fine-tuning workers, data-loader workers) has none of the parent's threads and makes its own."""
     import os
     from harness.tensors import parallel_map
     assert parallel_map(lambda x: x * x, list(range(50))) == [x * x for x in range(50)]
+    # work on the pool's threads that maps again (TIES per tensor on large entries) runs inline
+    assert parallel_map(lambda x: parallel_map(lambda y: x * y, [1, 2, 3]), list(range(8))) == \
+        [[x, 2 * x, 3 * x] for x in range(8)]
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # never returns into pytest, whatever happens
