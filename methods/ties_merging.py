@@ -10,6 +10,7 @@ Choices, named so results are comparable:
   (FusionBench's default merge_func).
 """
 
+import itertools
 from typing import Literal
 
 import torch
@@ -49,7 +50,7 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     def count(piece: torch.Tensor) -> tuple[int, torch.Tensor]:
         return int((piece < lo).sum()), piece[(piece >= lo) & (piece <= hi)]
     counted = parallel_map(count, x.split(CHUNK)) if x.device.type == "cpu" else [count(x)]
-    below = sum(n for n, _ in counted)
+    below = sum(count for count, _ in counted)
     inside = torch.cat([kept for _, kept in counted])
     if below < k <= below + inside.numel():
         return inside.kthvalue(k - below).values
@@ -95,7 +96,7 @@ def global_thresholds(ref: dict[str, torch.Tensor], experts, keys: list[str], to
         return None
     rows = []
     magnitudes = torch.empty(total, device=ref[keys[0]].device)
-    offsets = [sum(sizes[:i]) for i in range(len(keys))]
+    offsets = [0, *itertools.accumulate(sizes)]
     for e in experts:
         def fill(i: int, e=e) -> None:
             k, a = keys[i], offsets[i]
@@ -115,10 +116,10 @@ def ties_delta(base, experts, p: TiesParams) -> dict[str, torch.Tensor]:
     with single_thread():
         ref = {k: base[k].float() for k in keys}
         thresholds = global_thresholds(ref, experts, keys, p.top_k) if p.top_k_scope == "global" else None
+        merged = on_threads(ref)(lambda k: merge_entry(k, ref[k], experts, thresholds, p), keys)
         out, ties, votes = {}, [], 0
-        for k, (merged, entry_ties, entry_votes) in zip(keys, on_threads(ref)(lambda k: merge_entry(
-                k, ref[k], experts, thresholds, p), keys)):
-            out[k] = merged
+        for k, (entry, entry_ties, entry_votes) in zip(keys, merged):
+            out[k] = entry
             ties += entry_ties
             votes += entry_votes
         if votes > 0:  # entries whose votes cancel take the majority sign of the whole vector
