@@ -45,6 +45,16 @@ class SuiteHandle:
     zoo_dir: Path | None
     family: object
 
+    @functools.cached_property
+    def outputs_cache(self) -> Path:
+        """Where stored checkpoints' logits on this suite's evaluation sets are kept, so every
+        ensemble and reference computes an expert's outputs once: scoped by what else decides
+        them (the suite, the harness code, the device the family runs on)."""
+        from harness.paths import cache_dir
+        scope = content_hash({"suite": self.spec.model_dump(mode="json"), "code": harness_code_hash(),
+                              "device": str(self.family.device)})
+        return cache_dir() / "outputs" / scope[:16]
+
 
 def open_suite(name: str, device, progress: Progress = print) -> SuiteHandle:
     """Load a suite's family (building its zoo first if it has one). Cached per process."""
@@ -131,27 +141,17 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size, outputs_cache=outputs_cache(handle, device))
+                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs_cache)
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size, outputs_cache=outputs_cache(handle, device))
+                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs_cache)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None))
     return JobResult(job, run, [r.as_dict() for r in rows])
-
-
-def outputs_cache(handle: SuiteHandle, device) -> Path:
-    """Where stored checkpoints' logits on this suite's evaluation sets are kept, so every
-    ensemble and reference computes an expert's outputs once: scoped by what else decides
-    them (the suite, the harness code, the device)."""
-    from harness.paths import cache_dir
-    scope = content_hash({"suite": handle.spec.model_dump(mode="json"), "code": harness_code_hash(),
-                          "device": str(device)})
-    return cache_dir() / "outputs" / scope[:16]
 
 
 def _corruptions_for(spec: SuiteSpec, task: str):
@@ -170,7 +170,7 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     run, result = _fuse_and_score(job, handle, device, progress, params,
                                   lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
                                                              batch_size=spec.eval_batch_size,
-                                                             outputs_cache=outputs_cache(handle, device)))
+                                                             outputs_cache=handle.outputs_cache))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -188,7 +188,7 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
                                                            batch_size=handle.spec.eval_batch_size,
-                                                           outputs_cache=outputs_cache(handle, device)))
+                                                           outputs_cache=handle.outputs_cache))
     return result
 
 
