@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, make_checkpoints  # noqa: E402
 
 
 def synthetic_suite(size: str, root: Path, images: int) -> str:
@@ -47,7 +47,6 @@ def synthetic_suite(size: str, root: Path, images: int) -> str:
     from PIL import Image
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor
-    from _common import make_checkpoints
     base, _ = make_checkpoints(size, 0, root)
     config = json.loads((base / "config.json").read_text())
     side = config["image_size"]  # 224 for ViT-B/32: CLIP's resize + centre crop and normalisation
