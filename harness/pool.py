@@ -61,15 +61,19 @@ def read_header(path: str | Path) -> dict[str, Entry]:
 
 
 def read_exactly(fd: int, into: Tensor, offset: int, path: str) -> None:
-    """Fill the contiguous CPU tensor `into` with the file's bytes from `offset`: positioned
+    """Fill the contiguous 1-D CPU tensor `into` with the file's bytes from `offset`: positioned
     reads, so forked or threaded readers can share one descriptor."""
-    view = memoryview(into.reshape(-1).view(torch.uint8).numpy())
-    done = 0
-    while done < len(view):  # a single read returns at most ~2 GiB on Linux
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if not n:
-            raise OSError(f"{path}: file ends before tensor data at byte {offset + done}")
-        done += n
+    # numpy's view of a float32 or byte tensor is the cheapest buffer to hand the kernel (a
+    # chunked merge reads thousands of pieces); other dtypes go through their bytes.
+    array = (into if into.dtype in (torch.float32, torch.uint8) else into.view(torch.uint8)).numpy()
+    done = os.preadv(fd, [array], offset)
+    if done < array.nbytes:  # a single read returns at most ~2 GiB on Linux
+        view = memoryview(array).cast("B")
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if not n:
+                raise OSError(f"{path}: file ends before tensor data at byte {offset + done}")
+            done += n
 
 
 def read_tensor(entry: Entry, fd: int | None = None, pinned: bool = False) -> Tensor:
@@ -125,6 +129,9 @@ class LazyStateDict(Mapping[str, Tensor]):
         self._dtypes = dict(dtypes or {})
         self.device = torch.device(device)
         self._fds: dict[str, int] = {}
+        self._float32_slices = frozenset(
+            k for k, e in index.items()
+            if self.device.type == "cpu" and e.dtype == torch.float32 and self._dtypes.get(k, e.dtype) == torch.float32)
 
     def _fd(self, path: str) -> int:
         # Kept open: a chunked merge reads each tensor in many small pieces, from several
@@ -162,9 +169,7 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def reads_float32_slices(self, key: str) -> bool:
         """Whether read_slice can serve `key`: a float32 entry returned on CPU without a cast."""
-        entry = self._index[key]
-        return self.device.type == "cpu" and entry.dtype == torch.float32 and \
-            self._dtypes.get(key, entry.dtype) == torch.float32
+        return key in self._float32_slices
 
     def read_slice(self, key: str, start: int, out: Tensor) -> Tensor:
         """Elements [start, start + out.numel()) of the flattened float32 entry, read into `out`
