@@ -14,6 +14,10 @@ every file once to warm the page cache, then runs each configuration in a fresh 
 - read: reading every input file's bytes once (into one reused buffer; and safetensors
   load_file touching every tensor). fbh/read divides by the faster of the two.
 
+- fbh without reads (CPU only): the same fbh run with its piece reads skipped (read_slice
+  hands back its buffer unfilled), so what is left is fbh's arithmetic and bookkeeping: the
+  floor of fbh's merge as written. The merged values are meaningless; only the time counts.
+
 Each configuration runs --repeat times in its fresh process; the fastest run is reported.
 
 --device cuda: fbh merges on the GPU (its streaming checkpoints hand out tensors there, read
@@ -121,8 +125,11 @@ def worker(args) -> None:
     from transformers import CLIPVisionModel  # noqa: F401
     base = Path(args.base)
     experts = [Path(p) for p in args.expert]
-    if args.impl == "fbh":
+    if args.impl in ("fbh", "fbh-no-read"):
         import harness.families.clip_vision  # noqa: F401
+        if args.impl == "fbh-no-read":
+            from harness.pool import LazyStateDict
+            LazyStateDict.read_slice = lambda self, key, start, out: out
         from harness import registry
         registry.discover()
         run = fbh_merge(args.method, base, experts, args.device, args.dtype)
@@ -197,6 +204,10 @@ def bench_size(size: str, n: int, scaling: list[int], methods: list[str], workdi
                 fb_s, fb_mem = timed("fusion-bench", method, k, f"{tmp}/fb.safetensors" if save else None)
                 diff = f"{max_abs_diff(f'{tmp}/fbh.safetensors', f'{tmp}/fb.safetensors'):10.2e}" if save else ""
                 ratio_read = f"{fbh_s / read_best:8.2f}" if k == n else ""
+                if k == n and device == "cpu":
+                    floor_s = timed("fbh-no-read", method, k)[0]
+                    print(f"{method}: fbh without its reads {floor_s:.3f} s; {fb_s / 5:.3f} s would be 5x fusion-bench",
+                          flush=True)
                 gpu = (f"   GPU peak+ fbh {fmt_bytes(gpu_peaks['fbh'])}, fb {fmt_bytes(gpu_peaks['fusion-bench'])}"
                        if device == "cuda" else "")
                 print(f"{method:16s} {k:2d} {fbh_s:8.3f} {fb_s:14.3f} {fb_s / fbh_s:7.1f}x {ratio_read:>8s} "

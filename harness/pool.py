@@ -194,6 +194,10 @@ class LazyStateDict(Mapping[str, Tensor]):
     def shape(self, key: str) -> tuple[int, ...]:
         return self._index[key].shape
 
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype `self[key]` will have, without reading it."""
+        return self._dtypes.get(key, self._index[key].dtype)
+
     def nbytes(self) -> int:
         return sum(e.nbytes for e in self._index.values())
 

@@ -11,7 +11,7 @@ import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -41,7 +41,18 @@ def apply_delta(base: StateDict, delta: StateDict, scale: float = 1.0) -> StateD
 
 def map_entries(base: StateDict, fn: Callable[[str, Tensor], Tensor]) -> StateDict:
     """Apply fn(name, base_tensor) -> float32 tensor to every mergeable entry; copy the rest."""
-    return {k: (fn(k, v).to(v.dtype) if mergeable(k, v) else v.clone()) for k, v in base.items()}
+    return map_keys(base, lambda k: fn(k, base[k]))
+
+
+def map_keys(base: StateDict, fn: Callable[[str], Tensor]) -> StateDict:
+    """Apply fn(name) -> float32 tensor to every floating entry of base, cast back to its dtype;
+    copy the rest. For merges that read the base themselves, or not at all: a streaming base
+    tells its dtypes without reading its tensors."""
+    out = {}
+    for k in base:
+        dtype = base.dtype(k) if callable(getattr(base, "dtype", None)) else base[k].dtype
+        out[k] = fn(k).to(dtype) if dtype.is_floating_point else base[k].clone()
+    return out
 
 
 def stack(states: Sequence[StateDict], key: str) -> Tensor:
@@ -118,18 +129,18 @@ def parallel_map(fn: Callable, items: Sequence) -> list:
     return list(_threads().map(fn, items))
 
 
-def over_pieces(n: int, work: Callable[[int, int, Tensor], object]) -> None:
-    """work(a, b, scratch) for every piece [a, b) of n elements, where scratch is a float32
-    buffer of at least b - a elements that the piece may use. Pieces are independent, so they
+def over_pieces(n: int, work: Callable[..., object], buffers: int = 1) -> None:
+    """work(a, b, *scratch) for every piece [a, b) of n elements, where scratch is `buffers`
+    float32 buffers of b - a elements that the piece may use. Pieces are independent, so they
     are dealt out to one thread per core (parallel_map), each with its own scratch. Each
     piece's arithmetic is the same on any thread: the result does not depend on them."""
     pieces = list(_pieces(n))
     workers = min(len(pieces), cores())
 
     def deal(first: int) -> None:
-        scratch = torch.empty(min(CHUNK, n))
+        scratch = torch.empty(buffers, min(CHUNK, n))
         for a, b in pieces[first::workers]:
-            work(a, b, scratch)
+            work(a, b, *scratch[:, :b - a])
     parallel_map(deal, range(workers))
 
 
@@ -145,7 +156,7 @@ def mean(states: Sequence[StateDict], key: str) -> Tensor:
         def piece(a: int, b: int, scratch: Tensor) -> None:
             part = first.read_slice(key, a, total[a:b])
             for s in states[1:]:
-                part.add_(s.read_slice(key, a, scratch[:b - a]))
+                part.add_(s.read_slice(key, a, scratch))
             part.div_(len(states))
         with single_thread():
             over_pieces(total.numel(), piece)
@@ -156,51 +167,35 @@ def mean(states: Sequence[StateDict], key: str) -> Tensor:
     return total.div_(len(states))
 
 
-def delta_sum(states: Sequence[StateDict], key: str, base_tensor: Tensor,
+def delta_sum(states: Sequence[StateDict], key: str, base: StateDict,
               then: Callable[[Tensor, Tensor], object] | None = None) -> Tensor:
-    """sum_i (states[i][key] - base) in float32, in FusionBench's order (the first task vector,
-    then each next one added), with the same bits as out of place. `then(total, base)` is
-    applied in place to each piece while it is in cache (task arithmetic scales and adds the
-    base there). From streaming checkpoints it goes piece by piece (see CHUNK); otherwise
-    each expert's tensor becomes its task vector in place and is added in place."""
-    base = base_tensor.float()
+    """sum_i (states[i][key] - base[key]) in float32, in FusionBench's order (the first task
+    vector, then each next one added), with the same bits as out of place. `then(total, ref)`
+    is applied in place to each piece while it is in cache, ref being the base's piece (task
+    arithmetic scales and adds the base there). From streaming checkpoints on the CPU it goes
+    piece by piece (see CHUNK), the base's pieces read like the experts'; otherwise each
+    expert's tensor becomes its task vector in place and is added in place."""
     then = then or (lambda total, ref: None)
-    if not states:
-        total = torch.zeros_like(base)
-        then(total, base)
-        return total
-    if base.device.type == "cpu" and chunked(states, key):
-        flat = base.reshape(-1)
-        total = torch.empty_like(flat)
+    if states and chunked([base, *states], key):
+        shape = base.shape(key)
+        total = torch.empty(shape).reshape(-1)
 
-        def piece(a: int, b: int, scratch: Tensor) -> None:
-            ref = flat[a:b]
+        def piece(a: int, b: int, ref: Tensor, scratch: Tensor) -> None:
+            base.read_slice(key, a, ref)
             part = states[0].read_slice(key, a, total[a:b]).sub_(ref)
             for s in states[1:]:
-                part.add_(s.read_slice(key, a, scratch[:b - a]).sub_(ref))
+                part.add_(s.read_slice(key, a, scratch).sub_(ref))
             then(part, ref)
         with single_thread():
-            over_pieces(flat.numel(), piece)
-        return total.reshape(base.shape)
+            over_pieces(total.numel(), piece, buffers=2)
+        return total.reshape(shape)
+    ref = base[key].float()
     total = None
     for s in states:
         delta = writable_float(s, key)
-        delta.sub_(base.to(delta.device))
+        delta.sub_(ref.to(delta.device))
         total = delta if total is None else total.add_(delta)
-    then(total, base.to(total.device))
+    if total is None:
+        total = torch.zeros_like(ref)
+    then(total, ref.to(total.device))
     return total
-
-
-def check_compatible(base: StateDict, experts: Iterable[StateDict]) -> None:
-    for i, e in enumerate(experts):
-        if e.keys() != base.keys():
-            missing = sorted(set(base) - set(e))[:3]
-            extra = sorted(set(e) - set(base))[:3]
-            raise ValueError(f"expert {i} does not match the base architecture (missing {missing}, extra {extra})")
-        for k, v in base.items():
-            if e[k].shape != v.shape:
-                raise ValueError(f"expert {i} entry '{k}' has shape {tuple(e[k].shape)}, base {tuple(v.shape)}")
-
-
-def num_parameters(state: StateDict) -> int:
-    return sum(v.numel() for k, v in state.items() if mergeable(k, v))

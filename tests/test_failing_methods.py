@@ -1,6 +1,5 @@
 """A method that raises, returns NaN weights or wrong shapes fails only its own run."""
 
-import json
 
 import pytest
 import torch

@@ -3,7 +3,6 @@ Iso-C/CTS, DELLA): properties on small random state dicts, and equality with
 fusion-bench 0.2.33 on the same tiny models where it implements the method."""
 
 import copy
-import itertools
 
 import pytest
 import torch

@@ -123,17 +123,20 @@ def test_in_place_merge_helpers_give_out_of_place_bits_and_leave_inputs_alone(tm
     before = [e["w"].clone() for e in experts]
     for i, e in enumerate(experts):
         save_file(e, str(tmp_path / f"e{i}.safetensors"))
+    save_file({"w": base}, str(tmp_path / "base.safetensors"))
     lazy = [LazyStateDict(tmp_path / f"e{i}.safetensors") for i in range(4)]
+    lazy_base = LazyStateDict(tmp_path / "base.safetensors")
     b = base.float()
     expected_sum = (((experts[0]["w"].float() - b) + (experts[1]["w"].float() - b)) + (experts[2]["w"].float() - b)) \
         + (experts[3]["w"].float() - b)
     expected_mean = (((experts[0]["w"].float() + experts[1]["w"].float()) + experts[2]["w"].float())
                      + experts[3]["w"].float()) / 4
-    for states in (experts, lazy):
-        assert torch.equal(delta_sum(states, "w", base), expected_sum)
+    for states, base_state in ((experts, {"w": base}), (lazy, {"w": base}), (lazy, lazy_base)):
+        assert torch.equal(delta_sum(states, "w", base_state), expected_sum)
         assert torch.equal(mean(states, "w"), expected_mean)
-        task_arithmetic = delta_sum(states, "w", base, then=lambda total, ref: total.mul_(0.3).add_(ref))
+        task_arithmetic = delta_sum(states, "w", base_state, then=lambda total, ref: total.mul_(0.3).add_(ref))
         assert torch.equal(task_arithmetic, expected_sum * 0.3 + b)
+    assert torch.equal(delta_sum([], "w", lazy_base), torch.zeros(64, 8))
     assert all(torch.equal(e["w"], x) for e, x in zip(experts, before))
     assert lazy[0].reads_float32_slices("w") == (dtype == torch.float32)
 
@@ -193,3 +196,32 @@ def test_merge_threads_keep_order_nest_and_survive_fork():
     os.close(write)
     assert os.read(read, 100) == b"[2, 3, 4]"
     os.waitpid(pid, 0)
+
+
+def test_average_and_task_arithmetic_read_no_whole_base_tensor_from_streaming_checkpoints(tmp_path, monkeypatch):
+    """map_keys takes a streaming base's dtypes from its header: simple averaging never reads the
+    base, task arithmetic reads it piece by piece; only non-floating entries are read whole."""
+    from harness.api import FusionContext
+    from harness import registry
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(300, 7, generator=g), "ids": torch.arange(5)}
+    for i in range(3):
+        save_file({"w": base["w"] + torch.randn(300, 7, generator=g), "ids": base["ids"]}, str(tmp_path / f"e{i}.safetensors"))
+    save_file(base, str(tmp_path / "base.safetensors"))
+    whole_reads = []
+    read = LazyStateDict.__getitem__
+    monkeypatch.setattr(LazyStateDict, "__getitem__", lambda self, k: whole_reads.append(k) or read(self, k))
+    registry.discover()
+    for name, params in (("simple_average", {}), ("task_arithmetic", {"scaling_factor": 0.3})):
+        info = registry.get(name)
+        ctx = FusionContext(tasks=["a", "b", "c"], load_base=lambda: LazyStateDict(tmp_path / "base.safetensors"),
+                            load_expert=lambda t: LazyStateDict(tmp_path / f"e{'abc'.index(t)}.safetensors"),
+                            build_module=None)
+        whole_reads.clear()
+        merged = info.fn(ctx, info.validate_params(params))
+        assert whole_reads == ["ids"], name
+        assert torch.equal(merged["ids"], base["ids"])
+        eager = info.fn(FusionContext(tasks=["a", "b", "c"], load_base=lambda: dict(base),
+                                      load_expert=lambda t: LazyStateDict(tmp_path / f"e{'abc'.index(t)}.safetensors").copy(),
+                                      build_module=None), info.validate_params(params))
+        assert torch.equal(merged["w"], eager["w"]), name
