@@ -73,10 +73,12 @@ def trim_thresholds(magnitudes: torch.Tensor, top_k: float) -> torch.Tensor | No
 def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, how: str) -> torch.Tensor:
     """Sum (or mean) over experts of the entries that agree with the elected sign; where the
     sign is not positive, the negative entries agree."""
-    total, agreeing = agreeing_sum(trimmed, sign)
-    if how == "sum":
-        return total
-    return total / agreeing.sign().sum(dim=0).clamp_(min=1)  # the count of agreeing entries
+    return finish(*agreeing_sum(trimmed, sign), how)
+
+
+def finish(total: torch.Tensor, agreeing: torch.Tensor, how: str) -> torch.Tensor:
+    """The disjoint sum, or that sum over the count of agreeing entries (the mean)."""
+    return total if how == "sum" else total / agreeing.sign().sum(dim=0).clamp_(min=1)
 
 
 def agreeing_sum(trimmed: torch.Tensor, sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,13 +161,14 @@ def merge_entry(k: str, ref: torch.Tensor, experts, thresholds: torch.Tensor | N
     ties, votes = [], 0
     # On a GPU a whole entry is one piece: launches, not cache, are what costs there.
     columns = COLUMNS if ref.device.type == "cpu" else n
-    if streaming(ref, experts, k):  # each piece read into one reused [N, columns] buffer
+    stream = streaming(ref, experts, k)
+    if stream:  # each piece read into one reused [N, columns] buffer
         scratch = torch.empty(len(experts) * min(columns, n))
     else:
         rows = whole_rows(k, flat, experts)
     for a in range(0, n, columns):  # pieces whose ten elementwise passes stay in cache
         b = min(n, a + columns)
-        if streaming(ref, experts, k):
+        if stream:
             piece = scratch[:len(experts) * (b - a)].view(len(experts), b - a)
             for row, e in zip(piece, experts):
                 e.read_slice(k, a, row)
@@ -175,7 +178,7 @@ def merge_entry(k: str, ref: torch.Tensor, experts, thresholds: torch.Tensor | N
         sign = torch.sign(piece.sum(dim=0))
         votes += int(sign.sum())
         total, agreeing = agreeing_sum(piece, sign)
-        merged[a:b] = total if p.disjoint_merge == "sum" else total / agreeing.sign().sum(dim=0).clamp_(min=1)
+        merged[a:b] = finish(total, agreeing, p.disjoint_merge)
         # A nonzero sign has a nonzero total, so a column whose votes cancel (sign 0, some entry
         # nonzero, merged as negative) shows as one more nonzero total: a rare case, found
         # exactly (float sums of 0/1 count faster than count_nonzero; a NaN column counts in neither).

@@ -111,6 +111,30 @@ def test_kth_smallest_equals_kthvalue_on_large_and_tied_vectors():
     assert torch.equal(kth_smallest(tied, 4_999_000), torch.tensor(1.0))
 
 
+def test_ties_trim_and_merge_match_the_textbook_masks_at_the_edges():
+    """trim (hardshrink just below each threshold) and the float-only disjoint merge agree with
+    FusionBench's mask expressions: a zero threshold keeps everything, entries equal to the
+    threshold are kept, subnormals and NaN pass as the masks pass them."""
+    from methods.ties_merging import disjoint_merge, trim
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(4, 1000, generator=g)
+    rows[:, :300] = 0.0
+    rows[0, 300:310] = 0.5
+    rows[1, 310] = 1e-45
+    rows[2, 311] = float("nan")
+    for th in ([0.0, 0.5, 1e-45, 1.0], [0.5, 0.0, 0.0, 2.0]):
+        thresholds = torch.tensor(th).unsqueeze(1)
+        expected = rows * (rows.abs() >= thresholds)
+        trimmed = trim(rows.clone(), thresholds)
+        assert torch.equal(trimmed.isnan(), expected.isnan())
+        assert torch.equal(trimmed.nan_to_num(), expected.nan_to_num())
+        sign = torch.sign(trimmed.sum(0))
+        keep = torch.where(sign > 0, expected > 0, expected < 0)
+        for how, want in (("sum", (expected * keep).sum(0)), ("mean", (expected * keep).sum(0) / keep.sum(0).clamp(min=1))):
+            got = disjoint_merge(trimmed, sign, how)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), how
+
+
 @pytest.mark.parametrize("merge", ["mean", "sum"])
 def test_ties_in_cache_sized_pieces_gives_the_same_bits(monkeypatch, merge):
     """The merge pass goes over each entry in pieces of COLUMNS columns; pieces of 3 (with
