@@ -199,21 +199,28 @@ def _cell(v) -> str:
 
 def suite_comparison(store, suite: str, submission: str) -> list[str]:
     """Markdown table: references, this submission, and the best other submission (clean, all tasks)."""
-    from harness.leaderboard import table
-    tasks, entries = table(store, suite)
+    from harness.leaderboard import other_fingerprints, suite_fingerprint, table
+    fingerprint = suite_fingerprint(store, suite)
+    tasks, entries = table(store, suite, fingerprint=fingerprint)
     mine = next((e for e in entries if e.kind == "submission" and e.label == submission), None)
     if mine is None:
         return ["_no stored result on this suite_"]
-    others = [e for e in entries if e.kind == "submission" and e.label != submission]
+    if mine.status != "ok":
+        return [f"_the latest run failed: {_one_line(mine.error or '')}_"]
+    others = [e for e in entries if e.kind == "submission" and e.label != submission and e.status == "ok"]
     rows = [(e.label, e) for e in entries if e.kind == "reference"] + [(f"**{submission}** (this PR)", mine)]
     rows += [(f"leader: {others[0].label}", others[0])] if others else []
     lines = ["| | " + " | ".join(tasks) + " | average | normalized |", "|---" * (len(tasks) + 3) + "|"]
     lines += [f"| {label} | " + " | ".join(_cell(e.scores.get(t)) for t in tasks)
               + f" | {_cell(e.average)} | {_cell(e.normalized)} |" for label, e in rows]
-    ranked = [e for e in entries if e.kind == "submission"]
+    ranked = [e for e in entries if e.kind == "submission" and e.status == "ok"]
     lines.append("")
-    lines.append(f"Rank {ranked.index(mine) + 1} of {len(ranked)} submissions in this database"
-                 + ("" if others else " (no other submission stored to compare with)") + ".")
+    lines.append(f"Rank {ranked.index(mine) + 1} of {len(ranked)} submissions in this database on fingerprint "
+                 f"`{fingerprint}`" + ("" if others else " (no other submission stored to compare with)") + ".")
+    elsewhere = other_fingerprints(store, suite, fingerprint)
+    if elsewhere:
+        lines.append(f"Not compared: {sum(o['runs'] for o in elsewhere)} stored run(s) on other fingerprints "
+                     f"({', '.join(str(o['fingerprint']) for o in elsewhere)}), computed on other inputs.")
     return lines
 
 

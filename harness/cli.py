@@ -101,20 +101,37 @@ def submit(submission, suites, db, device, force, quiet, executor, address, jobs
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--setting", default="all", show_default=True, help="'all' or a generalization split name")
 @click.option("--condition", default="clean", show_default=True, help="'clean' or a corruption name")
+@click.option("--fingerprint", default=None, help="rank the runs on this fingerprint [default: what the suite's "
+              "latest submit computed on]")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
-def leaderboard(suite, fmt, setting, condition, db):
-    """Print the leaderboard of one suite: references, then submissions by mean score."""
-    from harness.leaderboard import render, table
+def leaderboard(suite, fmt, setting, condition, fingerprint, db):
+    """Print the leaderboard of one suite: references, then submissions by mean score. Only runs computed
+    on one fingerprint (the same models and data, byte for byte) are ranked together."""
+    from harness.leaderboard import other_fingerprints, render, suite_fingerprint, table
     from harness.paths import default_db
     from harness.store import Store
     path = db or default_db()
     if not Path(path).exists():
         raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
-    tasks, entries = table(Store(path), suite, setting=setting, condition=condition)
+    store = Store(path)
+    fingerprint = fingerprint or suite_fingerprint(store, suite)
+    tasks, entries = table(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
+    others = other_fingerprints(store, suite, fingerprint)
     if not entries:
-        raise FbhError(f"no results for suite '{suite}' (setting {setting}, condition {condition})",
-                       field="--suite", fix="submit to this suite first, or check the name with `fbh suites list`")
-    click.echo(render(tasks, entries, fmt))
+        raise FbhError(f"no results for suite '{suite}' (setting {setting}, condition {condition}, fingerprint "
+                       f"{fingerprint})", field="--suite",
+                       fix="submit to this suite first, or check the name with `fbh suites list`"
+                           + (f"; runs exist on fingerprints {', '.join(str(o['fingerprint']) for o in others)}"
+                              if others else ""))
+    about = {"suite": suite, "setting": setting, "condition": condition, "fingerprint": fingerprint,
+             "other_fingerprints": others}
+    click.echo(render(tasks, entries, fmt, about))
+    if fmt == "table":
+        click.echo(f"\nranked on fingerprint {fingerprint}")
+        for o in others:
+            where = o["fingerprint"] or "unknown (stored before runs recorded their inputs)"
+            click.echo(f"  not ranked: {o['runs']} run(s) on fingerprint {where}"
+                       + (f"; show them with --fingerprint {o['fingerprint']}" if o["fingerprint"] else ""))
 
 
 @main.group()

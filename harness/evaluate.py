@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from harness.api import Ensemble
 from harness.families import Family
-from harness.families.common import save_atomically
+from harness.digests import load_verified, save_verified, tensors_digest
 from harness.tensors import StateDict
 
 BOOTSTRAP_SAMPLES = 1000
@@ -109,7 +107,8 @@ def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, bat
         return own(predictor, task, inputs, batch_size)
     keys = predictor.member_keys or [None] * len(predictor.members)
     files = [cached(k) if cached is not None and k is not None else None for k in keys]
-    stored = [load_file(str(f))["logits"] if f is not None and f.is_file() else None for f in files]
+    stored = [load_verified(f, what="cached outputs")[0]["logits"] if f is not None and f.is_file() else None
+              for f in files]
     computed: list[list[Tensor]] = [[] for _ in predictor.members]
     outs = []
     for start in range(0, len(inputs), batch_size):
@@ -125,7 +124,7 @@ def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, bat
         outs.append(combine(predictor, torch.stack(logits)).cpu())
     for f, parts in zip(files, computed):
         if f is not None and parts:
-            save_atomically(f, {"logits": torch.cat(parts).contiguous()})
+            save_verified(f, {"logits": torch.cat(parts)})
     return torch.cat(outs)
 
 
@@ -161,9 +160,9 @@ def score_task(predictor: Predictor, family: Family, task: str, *, split: str, t
     inputs, targets = family.eval_data(task, split_name(family, task, split),
                                        None if condition == "clean" else condition, severity)
     where_stored = None
-    if outputs_cache is not None:
-        data = f"{task}-{split}-{condition}-{severity or 0}-{inputs_fingerprint(inputs)}"
-        where_stored = lambda member: outputs_cache / f"{member}-{data}.safetensors"  # noqa: E731
+    if outputs_cache is not None and any(k is not None for k in predictor.member_keys or []):
+        data = tensors_digest({"inputs": inputs, "targets": targets})[7:27]  # what the outputs were computed on
+        where_stored = lambda member: outputs_cache / f"{member}-{task}-{condition}-{data}.safetensors"  # noqa: E731
     outputs = predict(predictor, family, task, inputs, batch_size, where_stored)
     spec = family.suite.task(task)
     where = dict(task=task, task_split=task_split, condition=condition, severity=severity)
@@ -183,13 +182,6 @@ def score_task(predictor: Predictor, family: Family, task: str, *, split: str, t
         rows.append(statistic_row(family.metric_statistic(task, metric, outputs, targets), len(targets),
                                   metric=metric, **where))
     return rows
-
-
-def inputs_fingerprint(inputs: Tensor) -> str:
-    """A cheap check that cached outputs belong to these inputs: their shape and 4096 of their values."""
-    flat = inputs.reshape(-1)
-    sample = flat[::max(1, flat.numel() // 4096)].contiguous()
-    return hashlib.sha256(str(tuple(inputs.shape)).encode() + sample.numpy().tobytes()).hexdigest()[:12]
 
 
 def statistic_row(value_of, n: int, **fields) -> ResultRow:

@@ -48,12 +48,13 @@ def run_batch(jobs: list[Job], device: str, env: dict[str, str]) -> list:
 
 def lost_result(job: Job, exc: BaseException):
     """A job whose worker failed (crash, lost node, timeout): a failed run, so the batch goes on."""
-    from harness.runner import JobResult
+    from harness.runner import JobResult, identity_fields
     from harness.store import Run, now
     sub = job.submission or {}
     run = Run(run_key=job.key, kind=job.kind, label=job.label, suite=job.suite, setting=job.setting,
               submission=sub.get("name"), method=sub.get("method"), status="failed",
-              error=f"worker failed: {type(exc).__name__}: {exc}"[:2000], started_at=now(), finished_at=now())
+              error=f"worker failed: {type(exc).__name__}: {exc}"[:2000], started_at=now(), finished_at=now(),
+              **identity_fields(job))
     return JobResult(job, run, [])
 
 

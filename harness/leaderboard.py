@@ -12,10 +12,13 @@ from harness.store import Store
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
 
+# Each entry's latest run that nothing superseded, failed or not (a changed submission whose new run
+# failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint.
 LATEST_RUNS = """
 SELECT * FROM (
   SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting ORDER BY finished_at DESC) AS rn
-  FROM runs WHERE status = 'ok' AND suite = ? AND setting = ? AND kind != 'grid_point'
+  FROM runs WHERE suite = ? AND setting = ? AND kind != 'grid_point' AND NOT coalesce(superseded, false)
+    AND (kind = 'published' OR fingerprint IS NOT DISTINCT FROM ?)
 ) WHERE rn = 1
 """
 
@@ -35,12 +38,31 @@ class Entry:
     fusion_seconds: float | None = None
     peak_memory_bytes: int | None = None
     source: str | None = None
+    status: str = "ok"
+    error: str | None = None
+    fingerprint: str | None = None
     extra: dict = field(default_factory=dict)
 
 
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def suite_fingerprint(store: Store, suite: str) -> str | None:
+    """The fingerprint a suite's leaderboard ranks on: what its latest submit into this database
+    computed on (harness.identity). Rows on any other fingerprint are never ranked with them."""
+    rows = store.query("SELECT fingerprint FROM suites WHERE name = ?", [suite])
+    return rows[0]["fingerprint"] if rows else None
+
+
+def other_fingerprints(store: Store, suite: str, fingerprint: str | None) -> list[dict]:
+    """Completed runs of the suite on other fingerprints (another zoo build, other hub revisions,
+    or recorded before fingerprints were): shown apart, never ranked."""
+    return store.query("SELECT fingerprint, count(*) AS runs, max(finished_at) AS latest FROM runs "
+                       "WHERE suite = ? AND kind IN ('submission', 'reference') AND status = 'ok' "
+                       "AND fingerprint IS DISTINCT FROM ? GROUP BY fingerprint ORDER BY latest DESC",
+                       [suite, fingerprint])
 
 
 def suite_tasks(store: Store, suite: str) -> list[str]:
@@ -65,16 +87,17 @@ def relative_to_stl(metric: str, value: float | None, stl: float | None) -> floa
 
 
 def table(store: Store, suite: str, *, setting: str = "all", condition: str = "clean",
-          task_split: str | None = None) -> tuple[list[str], list[Entry]]:
+          task_split: str | None = None, fingerprint: str | None = None) -> tuple[list[str], list[Entry]]:
     """(task columns, entries). A task's column holds its primary metric; extra metrics (pixel accuracy,
     ...) go to entry.extra['metrics'][task][metric]. Normalized score = mean over tasks of the score as
     % of the STL score (FusionBench), inverted for errors. The plain average is given only when every
     task's metric points the same way (all scores, or all errors); otherwise it is None."""
     tasks = suite_tasks(store, suite)
     primary = task_metrics(store, suite)
-    runs = store.query(LATEST_RUNS, [suite, setting])
+    fingerprint = fingerprint or suite_fingerprint(store, suite)
+    runs = store.query(LATEST_RUNS, [suite, setting, fingerprint])
     if setting != "all":  # references do not depend on the split; take them from 'all'
-        runs += [r for r in store.query(LATEST_RUNS, [suite, "all"]) if r["kind"] == "reference"]
+        runs += [r for r in store.query(LATEST_RUNS, [suite, "all", fingerprint]) if r["kind"] == "reference"]
     results = store.query(
         "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? AND run_id IN "
         "(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
@@ -92,7 +115,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
     entries = []
     for r in runs:
         scores = by_run.get(r["run_id"], {})
-        if not scores:
+        if not scores and r["status"] == "ok":
             continue
         cols = [t for t in tasks if t in scores]
         norm = _mean([relative_to_stl(primary.get(t, "accuracy"), scores[t], stl.get(t)) for t in cols])
@@ -101,7 +124,8 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
                              scores=scores, average=average, normalized=norm,
                              data_access=r["data_access"], output_kind=r["output_kind"],
                              n_parameters=r["n_parameters"], fusion_seconds=r["fusion_seconds"],
-                             peak_memory_bytes=r["peak_memory_bytes"], source=r["source"],
+                             peak_memory_bytes=r["peak_memory_bytes"], source=r["source"], status=r["status"],
+                             error=r["error"], fingerprint=r["fingerprint"],
                              extra={"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}))
     kind_rank = {"reference": 0, "published": 1, "submission": 2}
     def rank(e: Entry) -> float:
@@ -109,16 +133,19 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
             return -(e.normalized if e.normalized is not None else -1e9)
         return (e.average if e.average is not None else 1e9) if ascending \
             else -(e.average if e.average is not None else -1e9)
-    entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), REFERENCE_ORDER.get(e.label, 9), rank(e), e.label))
+    entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), e.status != "ok", REFERENCE_ORDER.get(e.label, 9), rank(e),
+                                e.label))
     return tasks, entries
 
 
-def render(tasks: list[str], entries: list[Entry], fmt: str) -> str:
+def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None = None) -> str:
+    """The table as text, CSV or JSON; `about` (suite, fingerprint, other_fingerprints) heads the JSON."""
     if fmt == "json":
-        return json.dumps({"tasks": tasks, "entries": [asdict(e) for e in entries]}, indent=2, default=str)
+        return json.dumps({**(about or {}), "tasks": tasks, "entries": [asdict(e) for e in entries]}, indent=2,
+                          default=str)
     extra = extra_columns(entries)
     header = ["kind", "label", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "normalized"]
-    rows = [[e.kind, e.label, *[_fmt(e.scores.get(t)) for t in tasks],
+    rows = [[e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
              _fmt(e.average), _fmt(e.normalized)] for e in entries]
     if fmt == "csv":

@@ -3,8 +3,8 @@
 A job is one (suite, setting, submission-or-reference) pair, or one grid point of a
 submission's setting. Its key hashes everything its result depends on: the submission
 (name, method, params, grid, seed; a grid point's own params instead of the grid), the method's
-source file, the suite spec, the zoo recipe and builder code, and the harness's
-evaluation code. Planning reads only YAML and source bytes (no torch import), so an
+source file, the suite's fingerprint (its result-shaping spec and the content identity of every
+model and data input, harness.identity), and the harness's evaluation code. Planning reads only YAML and source bytes (no torch import), so an
 unchanged re-submit is answered from the store in about a second.
 """
 
@@ -133,13 +133,6 @@ def suite_spec_hash(suite: SuiteSpec) -> str:
     return content_hash(suite.model_dump(mode="json"))
 
 
-def zoo_id(suite: SuiteSpec) -> str | None:
-    if suite.family.zoo is None:
-        return None
-    from harness.zoo import resolved_recipe, zoo_key
-    return zoo_key(suite.family.zoo.builder, resolved_recipe(suite.family.zoo.builder, suite.family.zoo.recipe))
-
-
 # ----------------------------------------------------------------------------- jobs
 
 @dataclass(frozen=True)
@@ -158,6 +151,8 @@ class Job:
     label: str                # reference label, submission name, or 'name@k=v' for a grid point
     seen: tuple[str, ...]
     unseen: tuple[str, ...]
+    fingerprint: str = ""            # the suite's inputs and result-shaping spec (harness.identity)
+    inputs: dict | None = None       # reference -> content identity behind that fingerprint
     submission: dict | None = None   # SubmissionSpec as JSON-able dict
     reference: str | None = None     # 'pretrained' | 'stl' | 'mtl'
     params: dict | None = None       # the hyperparameters to fuse with (grid point or selected point)
@@ -194,39 +189,47 @@ def point_label(sub: SubmissionSpec, point: dict) -> str:
     return sub.name + "@" + ",".join(f"{k}={point[k]}" for k in sorted(sub.grid))
 
 
-def reference_jobs(suite: SuiteSpec) -> list[Job]:
-    base = {"suite": suite_spec_hash(suite), "zoo": zoo_id(suite), "code": harness_code_hash()}
+@dataclass(frozen=True)
+class SuiteInputs:
+    """What a suite's runs are computed on here: its fingerprint and the identities behind it."""
+    fingerprint: str
+    inputs: dict
+
+
+def reference_jobs(suite: SuiteSpec, on: SuiteInputs) -> list[Job]:
+    base = {"fingerprint": on.fingerprint, "code": harness_code_hash()}
     return [Job(key=content_hash({"reference": REFERENCE_LABELS[ref], **base}), kind="reference",
                 suite=suite.name, setting="all", label=REFERENCE_LABELS[ref], seen=tuple(suite.task_names),
-                unseen=(), reference=ref)
+                unseen=(), fingerprint=on.fingerprint, inputs=on.inputs, reference=ref)
             for ref in suite.references.computed]
 
 
-def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, file: str | None) -> dict:
+def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None) -> dict:
     code = method_code_hash(sub.method)
     if code is None:
         from harness import registry
         registry.get(sub.method, file=file)  # raises the clear unknown-method error
     return {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
-            "method_code": code, "suite": suite_spec_hash(suite), "zoo": zoo_id(suite),
-            "harness": harness_code_hash()}
+            "method_code": code, "fingerprint": on.fingerprint, "harness": harness_code_hash()}
 
 
-def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> list[Job]:
+def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None = None) -> list[Job]:
     """One job per setting: the submission's leaderboard run (for a grid, the selected point's)."""
-    base = _submission_base(sub, suite, file)
+    base = _submission_base(sub, suite, on, file)
     return [Job(key=content_hash({**base, "setting": name}), kind="submission", suite=suite.name, setting=name,
-                label=sub.name, seen=tuple(seen), unseen=tuple(unseen), submission=sub.model_dump(mode="json"))
+                label=sub.name, seen=tuple(seen), unseen=tuple(unseen), fingerprint=on.fingerprint, inputs=on.inputs,
+                submission=sub.model_dump(mode="json"))
             for name, seen, unseen in settings(suite)]
 
 
-def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, selected: Job, file: str | None = None) -> tuple[Job, ...]:
+def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, selected: Job,
+               file: str | None = None) -> tuple[Job, ...]:
     """The grid points of one setting. A point's key leaves out the rest of the grid, so
     widening a grid reuses the points already stored."""
-    base = {**_submission_base(sub, suite, file), "grid": {}, "setting": selected.setting, "grid_point": True}
+    base = {**_submission_base(sub, suite, on, file), "grid": {}, "setting": selected.setting, "grid_point": True}
     return tuple(Job(key=content_hash({**base, "params": point}), kind="grid_point", suite=suite.name,
                      setting=selected.setting, label=point_label(sub, point), seen=selected.seen, unseen=(),
-                     submission=selected.submission, params=point)
+                     fingerprint=on.fingerprint, inputs=on.inputs, submission=selected.submission, params=point)
                  for point in grid_points(sub))
 
 
@@ -237,25 +240,25 @@ def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec) -> None:
                        "declare none", field="grid", fix="submit fixed params, or declare validation splits")
 
 
-def plan(sub: SubmissionSpec | None, suites: list[SuiteSpec], done_keys: set[str], *, force: bool = False,
-         file: str | None = None) -> Plan:
+def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]], done_keys: set[str], *,
+         force: bool = False, file: str | None = None) -> Plan:
     """What to run, what is stored, and which grid searches wait on their points. References
     are never forced: they depend on no submission. A stored selected run makes its grid
     points irrelevant, so an unchanged re-submit looks up one key per setting."""
     out = Plan([], [], [])
-    for suite in suites:
-        for job in reference_jobs(suite):
+    for suite, on in suites:
+        for job in reference_jobs(suite, on):
             (out.cached if job.key in done_keys else out.todo).append(job)
         if sub is None:
             continue
         check_grid_data(sub, suite)
-        for job in submission_jobs(sub, suite, file):
+        for job in submission_jobs(sub, suite, on, file):
             if job.key in done_keys and not force:
                 out.cached.append(job)
             elif not sub.grid:
                 out.todo.append(job)
             else:
-                points = point_jobs(sub, suite, job, file)
+                points = point_jobs(sub, suite, on, job, file)
                 for p in points:
                     (out.cached if p.key in done_keys and not force else out.todo).append(p)
                 out.searches.append(GridSearch(job, points))

@@ -159,11 +159,12 @@ class LazyStateDict(Mapping[str, Tensor]):
         return t.to(device=self.device, non_blocking=on_gpu).to(self._dtypes.get(key, t.dtype))
 
     def identity(self) -> str:
-        """Which weights these are, for caching what they compute: each file's path, size and
-        modification time (checkpoints in the zoo and the hub cache are never rewritten in
-        place), the entries and their dtypes."""
+        """Which weights these are, for caching what they compute: the content digest of each file
+        (never its path or modification time: a file rewritten in place is other weights), the
+        entries read and the dtypes they are read in."""
+        from harness.digests import file_sha256
         files = sorted({e.path for e in self._index.values()})
-        blob = json.dumps([[(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files], list(self._index),
+        blob = json.dumps([[file_sha256(f) for f in files], list(self._index),
                            {k: str(v) for k, v in self._dtypes.items()}])
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -26,8 +26,8 @@ from typing import Callable, Iterable
 
 from harness import registry
 from harness.errors import FbhError, SuiteUnavailable
-from harness.planner import (GridSearch, Job, all_keys, content_hash, default_suites, find_suite, grid_points,
-                             harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
+from harness.planner import (GridSearch, Job, SuiteInputs, all_keys, content_hash, default_suites, find_suite,
+                             grid_points, harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
 from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
 from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
 from harness.store import Run, Store, now
@@ -38,22 +38,47 @@ Progress = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- suites
 
+def suite_inputs(spec: SuiteSpec, file: Path, progress: Progress = print) -> tuple[Path | None, SuiteInputs]:
+    """What the suite's runs would be computed on here: its zoo built (and every file of it checked
+    against the digests written at build time) or its hub snapshots found, and the fingerprint."""
+    from harness.identity import fingerprint, resolve_inputs
+    zoo_dir = None
+    if spec.family.zoo is not None:
+        from harness.zoo import ensure_built, verify_zoo
+        zoo_dir = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress)
+        verify_zoo(zoo_dir)
+    inputs = resolve_inputs(spec, file, zoo_dir)
+    return zoo_dir, SuiteInputs(fingerprint(spec, inputs), inputs)
+
+
 @dataclass
 class SuiteHandle:
     spec: SuiteSpec
     file: Path
     zoo_dir: Path | None
     family: object
+    on: SuiteInputs
 
     @functools.cached_property
     def outputs_cache(self) -> Path:
         """Where stored checkpoints' logits on this suite's evaluation sets are kept, so every
         ensemble and reference computes an expert's outputs once: scoped by what else decides
-        them (the suite, the harness code, the device the family runs on)."""
+        them (the suite's fingerprint, the harness code, the device the family runs on)."""
         from harness.paths import cache_dir
-        scope = content_hash({"suite": self.spec.model_dump(mode="json"), "code": harness_code_hash(),
+        scope = content_hash({"fingerprint": self.on.fingerprint, "code": harness_code_hash(),
                               "device": str(self.family.device)})
         return cache_dir() / "outputs" / scope[:16]
+
+    def check(self, job: Job, progress: Progress) -> None:
+        """The job runs on what it was planned on: every input is checked again (cheap once
+        verified: a stat per file) and must give the job's fingerprint."""
+        _, now_on = suite_inputs(self.spec, self.file, progress)
+        if job.fingerprint and now_on.fingerprint != job.fingerprint:
+            changed = sorted(k for k in {**now_on.inputs, **(job.inputs or {})}
+                             if now_on.inputs.get(k) != (job.inputs or {}).get(k))
+            raise FbhError(f"the suite's inputs are not those the job was planned on (fingerprint "
+                           f"{now_on.fingerprint}, planned {job.fingerprint}; changed: {', '.join(changed) or 'spec'})",
+                           file=str(self.file), fix="submit again: planning records what is on this machine now")
 
 
 def open_suite(name: str, device, progress: Progress = print) -> SuiteHandle:
@@ -66,12 +91,9 @@ def open_suite(name: str, device, progress: Progress = print) -> SuiteHandle:
 def _open_suite(name: str, device: str, progress: Progress, _suites: str, _cache: str) -> SuiteHandle:
     import torch
     from harness.families import load_family
-    from harness.zoo import ensure_built
     spec, path = find_suite(name)
-    zoo_dir = None
-    if spec.family.zoo is not None:
-        zoo_dir = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress)
-    return SuiteHandle(spec, path, zoo_dir, load_family(spec, path, zoo_dir, torch.device(device)))
+    zoo_dir, on = suite_inputs(spec, path, progress)
+    return SuiteHandle(spec, path, zoo_dir, load_family(spec, path, zoo_dir, torch.device(device)), on)
 
 
 # ----------------------------------------------------------------------------- outcomes
@@ -114,9 +136,14 @@ class JobResult:
     rows: list[dict]
 
 
-def _provenance(device, seed: int | None) -> dict:
+def _provenance(device, seed: int | None, job: Job) -> dict:
+    """What a run was computed with and on: code, packages, device, and the suite's inputs."""
     return {"device": device_name(device), "code_version": harness_code_hash(), "git_commit": git_commit(),
-            "packages": package_versions(), "seed": seed}
+            "packages": package_versions(), "seed": seed, **identity_fields(job)}
+
+
+def identity_fields(job: Job) -> dict:
+    return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict()}
 
 
 def execute_job(job: Job, device: str = "cpu", progress: Progress = print) -> JobResult:
@@ -124,6 +151,7 @@ def execute_job(job: Job, device: str = "cpu", progress: Progress = print) -> Jo
     import torch
     dev = torch.device(device)
     handle = open_suite(job.suite, dev, progress)
+    handle.check(job, progress)
     if job.kind == "reference":
         return _reference(job, handle, dev, progress)
     if job.kind == "grid_point":
@@ -150,7 +178,7 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
                         batch_size=spec.eval_batch_size, outputs_cache=handle.outputs_cache)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
-              finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None))
+              finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None, job))
     return JobResult(job, run, [r.as_dict() for r in rows])
 
 
@@ -202,7 +230,7 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
     progress(f"[{spec.name}/{job.setting}] {job.label}: {sub.method} on {len(job.seen)} experts")
     run = Run(run_key=job.key, kind=job.kind, label=job.label, submission=sub.name, suite=spec.name,
               setting=job.setting, method=sub.method, data_access=info.data, output_kind=info.output,
-              started_at=now(), **_provenance(device, sub.seed))
+              started_at=now(), **_provenance(device, sub.seed, job))
     try:
         ctx = fusion_context(handle, list(job.seen), info, sub.seed, device)
         validated = info.validate_params(params)
@@ -272,6 +300,17 @@ def fuse(info: registry.MethodInfo, ctx, params):
 
 
 # ----------------------------------------------------------------------------- driver
+
+def store_suite(store: Store, spec: SuiteSpec, on: SuiteInputs, progress: Progress) -> None:
+    """The suite row: its spec, the fingerprint this submit computes on, and the one its file pins."""
+    from harness.identity import expected_fingerprint
+    expected = expected_fingerprint(spec)
+    if expected is not None and expected != on.fingerprint:
+        progress(f"[{spec.name}] computing on fingerprint {on.fingerprint}, not the {expected} the suite file "
+                 "pins: these rows are ranked apart from runs on the pinned inputs")
+    spec_json = spec.model_dump(mode="json")
+    store.upsert_suite(spec_json, content_hash(spec_json), on.fingerprint, expected, on.inputs)
+
 
 def store_published(store: Store, spec: SuiteSpec, file: Path) -> None:
     tasks = set(spec.task_names)
@@ -359,7 +398,7 @@ def select_points(store: Store, searches: list[GridSearch], primary: dict[str, d
                       submission=search.selected.label, suite=search.selected.suite, setting=search.selected.setting,
                       method=(search.selected.submission or {}).get("method"), status="failed",
                       error=f"grid point(s) {', '.join(missing)} failed; nothing selected", started_at=now(),
-                      finished_at=now())
+                      finished_at=now(), **identity_fields(search.selected))
             failed.append(JobResult(search.selected, run, []))
             continue
         points = [stored[p.key] for p in search.points]
@@ -417,15 +456,15 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     specs = [find_suite(n) for n in names]  # every suite is validated before any work
     report = SubmitReport(sub.name)
     specs = available_suites(specs, report, sub.name, progress)
-    suites_ = [s for s, _ in specs]
+    suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
     done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))
     todo = plan(sub, suites_, done, force=force, file=str(path))
     if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
     store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")), str(path))
-    for spec, file in specs:
-        store.upsert_suite(spec.model_dump(mode="json"), content_hash(spec.model_dump(mode="json")))
+    for (spec, file), (_, on) in zip(specs, suites_):
+        store_suite(store, spec, on, progress)
         store_published(store, spec, file)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in todo.cached]
     if todo.todo or todo.searches:
@@ -435,7 +474,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         # Grid points first, then the selected point of each search: selection reads only
         # stored validation scores, so points from an interrupted earlier submit count too.
         selected, undecided = select_points(store, todo.searches,
-                                             {s.name: {t.name: t.metric for t in s.tasks} for s in suites_})
+                                             {s.name: {t.name: t.metric for t in s.tasks} for s, _ in suites_})
         for result in undecided:
             store.write_run(result.run, result.rows)
             report.outcomes.append(outcome(result))

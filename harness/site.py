@@ -25,7 +25,7 @@ import jinja2
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import Entry, extra_columns, generalization, relative_to_stl, robustness
+from harness.leaderboard import Entry, extra_columns, generalization, other_fingerprints, relative_to_stl, robustness
 from harness.paths import REPO_ROOT
 from harness.spec import higher_is_better
 from harness.store import Store
@@ -136,6 +136,10 @@ class SuitePages:
     submissions: dict[str, dict]
     failed: list[dict]
     updated: datetime | None
+    fingerprint: str | None = None
+    expected_fingerprint: str | None = None
+    inputs: dict = field(default_factory=dict)
+    elsewhere: list[dict] = field(default_factory=list)  # runs on other fingerprints: shown apart, never ranked
     pages: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, label) -> path in the suite dir
 
     @property
@@ -217,24 +221,30 @@ def _rows_by(store: Store, sql: str, ids: list[str], key: str) -> dict[str, list
 def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePages:
     spec = json.loads(row["spec"])
     conditions = [c for c in dict.fromkeys(c["name"] for c in spec.get("corruptions") or [])]
-    tasks, entries = robustness(store, row["name"], conditions)
+    tasks, ranked = robustness(store, row["name"], conditions)
+    entries = [e for e in ranked if e.status == "ok"]
     splits = spec.get("generalization") or []
-    split_entries = {g["name"]: generalization(store, row["name"], g["name"], g["seen"], g["unseen"])[1]
-                     for g in splits}
+    split_ranked = {g["name"]: generalization(store, row["name"], g["name"], g["seen"], g["unseen"])[1]
+                    for g in splits}
+    split_entries = {name: [e for e in es if e.status == "ok"] for name, es in split_ranked.items()}
     run_ids = [e.run_id for e in entries] + [e.run_id for es in split_entries.values() for e in es]
     runs = {r["run_id"]: r for rs in _rows_by(store, "SELECT * FROM runs WHERE run_id IN "
                                               "(SELECT unnest(?::VARCHAR[]))", run_ids, "run_id").values()
             for r in rs}
     results = _rows_by(store, "SELECT * FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
                               "ORDER BY condition, task", run_ids, "run_id")
-    failed = store.query("SELECT label, setting, method, error, finished_at FROM runs WHERE suite = ? AND "
-                         "status = 'failed' AND run_key NOT IN (SELECT run_key FROM runs WHERE status = 'ok') "
-                         "ORDER BY finished_at DESC", [row["name"]])
+    # An entry whose latest run failed shows that failure, not an older run's scores.
+    failed_ids = [e.run_id for es in [ranked, *split_ranked.values()] for e in es if e.status != "ok"]
+    failed = store.query("SELECT label, setting, method, error, finished_at FROM runs WHERE run_id IN "
+                         "(SELECT unnest(?::VARCHAR[])) ORDER BY finished_at DESC", [failed_ids]) if failed_ids else []
     updated = store.query("SELECT max(finished_at) AS t FROM runs WHERE suite = ?", [row["name"]])[0]["t"]
     suite = SuitePages(name=row["name"], title=row["title"] or row["name"], description=row["description"] or "",
                        spec=spec, tasks=tasks, entries=entries, conditions=conditions, splits=splits,
                        split_entries=split_entries, runs=runs, results=results, submissions=submissions,
-                       failed=failed, updated=updated or row["updated_at"])
+                       failed=failed, updated=updated or row["updated_at"],
+                       fingerprint=row.get("fingerprint"), expected_fingerprint=row.get("expected_fingerprint"),
+                       inputs=json.loads(row["inputs"]) if row.get("inputs") else {},
+                       elsewhere=other_fingerprints(store, row["name"], row.get("fingerprint")))
     taken: set[str] = set()
     for e in entries:
         folder = "submissions" if e.kind == "submission" else "references"
@@ -368,6 +378,7 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
     return {"entry": e, "run": run, "submission": s.submissions.get(e.label) if e.kind == "submission" else None,
             "clean": clean, "conditions": conditions, "robust": by_task_metric_condition, "params": params, "grid": grid,
             "packages": json.loads(run["packages"]) if run.get("packages") else {}, "settings": settings,
+            "inputs": json.loads(run["inputs"]) if run.get("inputs") else {},
             "task_chart": task_bars_chart(s, e)}
 
 

@@ -38,6 +38,8 @@ class FamilySpec(Strict):
     processor: str | None = Field(None, description="preprocessor location; defaults to base")
     zoo: ZooSpec | None = None
     revision: str | None = Field(None, description="hub revision pinned for every model ref")
+    revisions: dict[str, str] = Field(default_factory=dict,
+                                      description="hub revision (a commit) pinned per model id; overrides revision")
     trust_remote_code: bool = False
     allow_pickle: bool = Field(False, description="opt in to loading non-safetensors checkpoints")
 
@@ -54,6 +56,7 @@ class TaskSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     dataset: str = Field(description="HuggingFace dataset id, local path, or zoo://path")
     dataset_config: str | None = Field(None, description="dataset configuration name, e.g. GLUE's 'mrpc'")
+    revision: str | None = Field(None, description="hub revision (a commit) of the dataset, checked when loaded")
     input_columns: list[str] | None = Field(None, description="text or image columns the family reads, in order")
     label_column: str = "label"
     split: str = "test"
@@ -148,6 +151,11 @@ class SuiteSpec(Strict):
             unknown = [n for n in (c.tasks or []) if n not in names]
             if unknown:
                 raise ValueError(f"corruption '{c.name}' names unknown tasks {unknown}")
+        models = {self.family.base, self.family.processor, self.family.heads, self.references.mtl,
+                  *self.family.experts.values()}
+        unpinned = sorted(set(self.family.revisions) - models)
+        if unpinned:
+            raise ValueError(f"family.revisions pins {unpinned}, which the suite does not use as a model")
         if "mtl" in self.references.computed and not self.references.mtl:
             raise ValueError("references.computed lists 'mtl' but references.mtl names no model")
         return self

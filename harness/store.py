@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -40,7 +40,10 @@ CREATE TABLE IF NOT EXISTS suites (
     spec JSON NOT NULL,
     spec_hash VARCHAR NOT NULL,
     task_names JSON NOT NULL,
-    updated_at TIMESTAMP NOT NULL
+    updated_at TIMESTAMP NOT NULL,
+    fingerprint VARCHAR,              -- what the latest submit computed on (harness.identity)
+    expected_fingerprint VARCHAR,     -- what the suite file pins, when it pins every input
+    inputs JSON                       -- reference -> content identity, for that fingerprint
 );
 CREATE TABLE IF NOT EXISTS runs (
     run_id VARCHAR PRIMARY KEY,
@@ -69,7 +72,12 @@ CREATE TABLE IF NOT EXISTS runs (
     finished_at TIMESTAMP,
     fusion_seconds DOUBLE,
     eval_seconds DOUBLE,
-    peak_memory_bytes BIGINT
+    peak_memory_bytes BIGINT,
+    fingerprint VARCHAR,              -- the suite fingerprint the run was computed on
+    inputs JSON,                      -- reference -> content identity (zoo digest, hub commit, file digest)
+    suite_spec_hash VARCHAR,
+    job JSON,                         -- the planned job, so `fbh reproduce` can run it again
+    superseded BOOLEAN DEFAULT false  -- a later run of the same entry replaced it on the leaderboard
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id VARCHAR NOT NULL,
@@ -90,9 +98,19 @@ CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
 RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "setting", "method", "status",
                "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
-               "fusion_seconds", "eval_seconds", "peak_memory_bytes"]
+               "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "suite_spec_hash",
+               "job", "superseded"]
 RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high"]
-JSON_COLUMNS = {"params", "grid", "packages"}
+JSON_COLUMNS = {"params", "grid", "packages", "inputs", "job"}
+# Columns each schema version added, so an older database is brought up to date in place.
+MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
+                  "ALTER TABLE suites ADD COLUMN expected_fingerprint VARCHAR",
+                  "ALTER TABLE suites ADD COLUMN inputs JSON",
+                  "ALTER TABLE runs ADD COLUMN fingerprint VARCHAR",
+                  "ALTER TABLE runs ADD COLUMN inputs JSON",
+                  "ALTER TABLE runs ADD COLUMN suite_spec_hash VARCHAR",
+                  "ALTER TABLE runs ADD COLUMN job JSON",
+                  "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"]}
 
 
 def now() -> datetime:
@@ -127,6 +145,11 @@ class Run:
     fusion_seconds: float | None = None
     eval_seconds: float | None = None
     peak_memory_bytes: int | None = None
+    fingerprint: str | None = None
+    inputs: dict | None = None
+    suite_spec_hash: str | None = None
+    job: dict | None = None
+    superseded: bool = False
     run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")
 
     def values(self) -> list[Any]:
@@ -150,20 +173,31 @@ class Store:
         self.lock_timeout = lock_timeout
         self._held: duckdb.DuckDBPyConnection | None = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self._has_schema():  # an existing database is not written to by merely opening it
-            with self.connect() as con:
+        version = self._schema_version()
+        if version == SCHEMA_VERSION:
+            return  # an up-to-date database is not written to by merely opening it
+        if version is not None and version > SCHEMA_VERSION:
+            from harness.errors import FbhError
+            raise FbhError(f"the database has schema version {version}, newer than this fbh's {SCHEMA_VERSION}",
+                           file=str(self.path), fix="upgrade fbh (git pull; pip install -e .), or use another --db")
+        with self.transaction() as con:
+            if version is None:
                 con.execute(SCHEMA)
-                con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+            else:
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[v]:
+                        con.execute(statement)
+            con.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
-    def _has_schema(self) -> bool:
+    def _schema_version(self) -> int | None:
         if not self.path.exists():
-            return False
+            return None
         with self.connect(read_only=True) as con:
             try:
                 row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             except duckdb.CatalogException:
-                return False
-        return row is not None and row[0] == str(SCHEMA_VERSION)
+                return None
+        return int(row[0]) if row is not None else None
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -202,22 +236,35 @@ class Store:
                         [spec["name"], spec["method"], spec.get("description", ""), spec.get("authors", ""),
                          spec.get("url"), json.dumps(spec, sort_keys=True), source_path, spec_hash, now()])
 
-    def upsert_suite(self, spec: dict[str, Any], spec_hash: str) -> None:
+    def upsert_suite(self, spec: dict[str, Any], spec_hash: str, fingerprint: str | None = None,
+                     expected_fingerprint: str | None = None, inputs: dict | None = None) -> None:
         with self.transaction() as con:
             con.execute("DELETE FROM suites WHERE name = ?", [spec["name"]])
-            con.execute("INSERT INTO suites VALUES (?, ?, ?, ?, ?, ?, ?)",
+            con.execute("INSERT INTO suites (name, title, description, spec, spec_hash, task_names, updated_at, "
+                        "fingerprint, expected_fingerprint, inputs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         [spec["name"], spec.get("title"), spec.get("description", ""),
                          json.dumps(spec, sort_keys=True), spec_hash,
-                         json.dumps([t["name"] for t in spec["tasks"]]), now()])
+                         json.dumps([t["name"] for t in spec["tasks"]]), now(), fingerprint, expected_fingerprint,
+                         json.dumps(inputs, sort_keys=True) if inputs is not None else None])
 
     def write_run(self, run: Run, rows: list[dict[str, Any]], replace_key: bool = True) -> None:
-        """Insert a run and its results atomically; an earlier run with the same key is replaced."""
+        """Insert a run and its results atomically. An earlier run with the same key is replaced, except
+        that a failed run never deletes a completed one: it is kept, marked superseded. A submission's or
+        reference's run supersedes the earlier runs of the same entry (suite, setting, fingerprint) under
+        other keys, e.g. of the submission before it changed: they stay stored, off the leaderboard."""
         with self.transaction() as con:
             if replace_key:
-                old = [r[0] for r in con.execute("SELECT run_id FROM runs WHERE run_key = ?", [run.run_key]).fetchall()]
+                status = "" if run.status == "ok" else "AND status != 'ok'"
+                old = [r[0] for r in con.execute(f"SELECT run_id FROM runs WHERE run_key = ? {status}",
+                                                 [run.run_key]).fetchall()]
                 for rid in old:
                     con.execute("DELETE FROM results WHERE run_id = ?", [rid])
                     con.execute("DELETE FROM runs WHERE run_id = ?", [rid])
+                con.execute("UPDATE runs SET superseded = true WHERE run_key = ?", [run.run_key])
+            if run.kind in ("submission", "reference"):
+                con.execute("UPDATE runs SET superseded = true WHERE kind = ? AND label = ? AND suite = ? "
+                            "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ?",
+                            [run.kind, run.label, run.suite, run.setting, run.fingerprint])
             con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                         run.values())
             if rows:
@@ -229,8 +276,8 @@ class Store:
     # -- reads -------------------------------------------------------------------
     def completed_run(self, run_key: str) -> dict[str, Any] | None:
         with self.connect(read_only=True) as con:
-            cur = con.execute("SELECT * FROM runs WHERE run_key = ? AND status = 'ok' ORDER BY finished_at DESC LIMIT 1",
-                              [run_key])
+            cur = con.execute("SELECT * FROM runs WHERE run_key = ? AND status = 'ok' AND NOT superseded "
+                              "ORDER BY finished_at DESC LIMIT 1", [run_key])
             row = cur.fetchone()
             if row is None:
                 return None
@@ -240,7 +287,7 @@ class Store:
         if not keys:
             return set()
         with self.connect(read_only=True) as con:
-            rows = con.execute("SELECT DISTINCT run_key FROM runs WHERE status = 'ok' AND run_key IN "
+            rows = con.execute("SELECT DISTINCT run_key FROM runs WHERE status = 'ok' AND NOT superseded AND run_key IN "
                                "(SELECT unnest(?::VARCHAR[]))", [keys]).fetchall()
         return {r[0] for r in rows}
 

@@ -8,8 +8,6 @@ logits = logit_scale * normalize(projection(pooled)) @ head.T.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +19,8 @@ from torch import Tensor, nn
 
 from harness.corruptions import corrupt
 from harness.errors import FbhError, SuiteUnavailable
-from harness.families.common import FamilyBase, cached_tensors, load_pretrained, load_split, save_atomically
-from harness.paths import cache_dir
+from harness.identity import revision_for
+from harness.families.common import FamilyBase, load_cached, load_pretrained, load_split
 from harness.pool import LazyStateDict, read_header, safetensors_files
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
@@ -82,13 +80,16 @@ class ClipVisionFamily(FamilyBase):
             raise FbhError("clip_vision needs fixed task heads", file=str(self.suite_file), field="family.heads",
                            fix="set family.heads to 'zero_shot' (real CLIP) or a safetensors file of one "
                                "[classes, dim] tensor per task")
-        path = self._zero_shot_heads() if ref == ZERO_SHOT else self.resolve(ref, "family.heads")
-        if not Path(path).is_file():
-            raise SuiteUnavailable(f"heads file '{ref}' not found", file=str(self.suite_file), field="family.heads",
-                                   fix="build the zoo or compute the zero-shot heads first")
-        tensors = load_file(path)
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        if ref == ZERO_SHOT:
+            tensors, meta = self._zero_shot_heads()
+        else:
+            path = self.resolve(ref, "family.heads")
+            if not Path(path).is_file():
+                raise SuiteUnavailable(f"heads file '{ref}' not found", file=str(self.suite_file),
+                                       field="family.heads", fix="build the zoo or compute the zero-shot heads first")
+            tensors = load_file(path)
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
         self._scale = float(meta.get("logit_scale", 100.0))
         self._projection = tensors.pop("visual_projection", None)
         missing = [t for t in self.suite.task_names if t not in tensors]
@@ -97,7 +98,7 @@ class ClipVisionFamily(FamilyBase):
                            field="family.heads", fix="rebuild the heads for every task")
         self._heads = {t: tensors[t].float() for t in self.suite.task_names}
 
-    def _zero_shot_heads(self) -> str:
+    def _zero_shot_heads(self) -> tuple[dict[str, Tensor], dict[str, str]]:
         """FusionBench's heads for real CLIP: per class, the normalised text embeddings of every
         prompt template, averaged and renormalised; computed once from the pre-trained text tower."""
         fam = self.suite.family
@@ -106,9 +107,10 @@ class ClipVisionFamily(FamilyBase):
             raise FbhError(f"zero-shot heads need class names and prompt templates; tasks {bare} have none",
                            file=str(self.suite_file), field="tasks[].classes",
                            fix="give each task `classes` (in label order) and `templates` using '{c}'")
-        key = {"base": self.resolve(fam.base), "revision": fam.revision, "tokenizer": fam.processor,
-               "tasks": [(t.name, t.classes, t.templates) for t in self.suite.tasks], "v": 1}
-        return str(cached_tensors("heads", "zero-shot", key, self._text_heads))
+        key = {"base": self.input_identity(fam.base, "family.base"),
+               "tokenizer": self.input_identity(fam.processor, "family.processor") if fam.processor else None,
+               "tasks": [(t.name, t.classes, t.templates) for t in self.suite.tasks], "v": 2}
+        return load_cached("heads", "zero-shot", key, self._text_heads, with_metadata=True)
 
     @torch.no_grad()
     def _text_heads(self) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -116,7 +118,8 @@ class ClipVisionFamily(FamilyBase):
         fam = self.suite.family
         clip = load_pretrained(CLIPModel.from_pretrained, self.suite, self.suite_file, self.resolve, fam.base,
                                "family.base").eval()
-        tokenizer = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"))
+        tokenizer = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"),
+                                                  revision=revision_for(self.suite, fam.processor or fam.base))
         heads = {"visual_projection": clip.visual_projection.weight.detach().float()}
         for task in self.suite.tasks:
             rows = []
@@ -149,7 +152,8 @@ class ClipVisionFamily(FamilyBase):
         if self._processor is None:
             from transformers import AutoImageProcessor
             ref = self.suite.family.processor or self.suite.family.base
-            self._processor = AutoImageProcessor.from_pretrained(self.resolve(ref, "family.processor"))
+            self._processor = AutoImageProcessor.from_pretrained(self.resolve(ref, "family.processor"),
+                                                                 revision=revision_for(self.suite, ref))
         return self._processor
 
     def _raw_split(self, task: str, split: str):
@@ -163,25 +167,22 @@ class ClipVisionFamily(FamilyBase):
         """Preprocessed (inputs, labels) for one split and condition, computed once and cached."""
         ds = self._raw_split(task, split)
         proc = self.processor()
-        key = hashlib.sha256(json.dumps({
-            "fp": ds._fingerprint, "n": len(ds), "proc": proc.to_dict(), "corruption": corruption,
-            "severity": severity, "v": 1}, sort_keys=True, default=str).encode()).hexdigest()[:20]
-        path = cache_dir() / "evalsets" / f"{task}-{split}-{corruption or 'clean'}-{key}.safetensors"
-        if path.is_file():
-            t = load_file(str(path))
-            return t["inputs"], t["labels"]
-        spec = self.suite.task(task)
-        image_col = (spec.input_columns or ["image" if "image" in ds.column_names else "img"])[0]
-        images = [np.asarray(im.convert("RGB")) for im in ds[image_col]]
-        if corruption:
-            if len({im.shape for im in images}) == 1:
-                images = list(corrupt(np.stack(images), corruption, severity or 3))
-            else:
-                images = [corrupt(im[None], corruption, severity or 3, seed=i)[0] for i, im in enumerate(images)]
-        inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
-        labels = torch.as_tensor(ds[spec.label_column], dtype=torch.long)
-        save_atomically(path, {"inputs": inputs, "labels": labels})
-        return inputs, labels
+
+        def build() -> dict[str, Tensor]:
+            spec = self.suite.task(task)
+            image_col = (spec.input_columns or ["image" if "image" in ds.column_names else "img"])[0]
+            images = [np.asarray(im.convert("RGB")) for im in ds[image_col]]
+            if corruption:
+                if len({im.shape for im in images}) == 1:
+                    images = list(corrupt(np.stack(images), corruption, severity or 3))
+                else:
+                    images = [corrupt(im[None], corruption, severity or 3, seed=i)[0] for i, im in enumerate(images)]
+            inputs = proc(images=images, return_tensors="pt")["pixel_values"].float().contiguous()
+            return {"inputs": inputs, "labels": torch.as_tensor(ds[spec.label_column], dtype=torch.long)}
+
+        key = self.evalset_key(task, split, ds, processor=proc.to_dict(), corruption=corruption, severity=severity)
+        t = load_cached("evalsets", f"{task}-{split}-{corruption or 'clean'}", key, build)
+        return t["inputs"], t["labels"]
 
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:
         return (outputs.argmax(dim=-1).cpu() == targets.cpu()).float()

@@ -7,15 +7,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from harness.digests import load_verified, save_verified
 from harness.errors import FbhError, SuiteUnavailable
+from harness.identity import input_identity, revision_for
 from harness.paths import cache_dir
 from harness.sources import Resolver
 from harness.spec import SuiteSpec
@@ -31,6 +31,24 @@ class FamilyBase:
         self.device = device
         self.dtype = getattr(torch, suite.precision)
         self._template = None
+
+    def input_identity(self, ref: str, field: str, repo_type: str = "model") -> str:
+        """The content identity of one model or dataset reference (harness.identity)."""
+        return input_identity(self.resolve(ref, field), self.suite, ref, repo_type, self.suite_file, field)
+
+    def evalset_key(self, task: str, split: str, ds, **preprocessing) -> dict:
+        """What a preprocessed evaluation set depends on: the dataset's content, everything the suite
+        declares about the task (columns, labels, caps, templates), the split and its size, and the
+        family's own preprocessing (processor or tokenizer identity, lengths, ...)."""
+        index = self.suite.task_names.index(task)
+        return {"dataset": self.input_identity(self.suite.task(task).dataset, f"tasks[{index}].dataset", "dataset"),
+                "task": self.suite.task(task).model_dump(mode="json"), "split": split, "n": len(ds),
+                "family": self.suite.family.kind, **preprocessing, "v": 2}
+
+    def tokenizer_identity(self) -> str:
+        """The content identity of the tokenizer's files (family.processor, else the base's)."""
+        fam = self.suite.family
+        return self.input_identity(fam.processor or fam.base, "family.processor" if fam.processor else "family.base")
 
     def load_model(self, ref: str, field: str):
         """The model of the fused (base) architecture at ref; each family says how to load it."""
@@ -77,7 +95,7 @@ def load_pretrained(loader: Callable, suite: SuiteSpec, suite_file: Path, resolv
     fam = suite.family
     resolved = resolve(ref, field)
     try:
-        return loader(resolved, revision=fam.revision, use_safetensors=None if fam.allow_pickle else True,
+        return loader(resolved, revision=revision_for(suite, ref), use_safetensors=None if fam.allow_pickle else True,
                       trust_remote_code=fam.trust_remote_code, **kwargs)
     except OSError as exc:
         raise SuiteUnavailable(f"cannot load model '{ref}': {str(exc).splitlines()[0]}", file=str(suite_file),
@@ -95,7 +113,7 @@ def load_split(suite: SuiteSpec, suite_file: Path, resolve: Resolver, task: str,
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]
         else:
-            ds = datasets.load_dataset(resolved, spec.dataset_config, split=split)
+            ds = datasets.load_dataset(resolved, spec.dataset_config, split=split, revision=spec.revision)
     except (FileNotFoundError, KeyError, ValueError, ConnectionError) as exc:
         raise SuiteUnavailable(f"cannot load split '{split}' of dataset '{spec.dataset}': {exc}",
                                file=str(suite_file), field=f"tasks[{task}].dataset",
@@ -109,28 +127,19 @@ def content_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def cached_tensors(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor] | tuple]) -> Path:
-    """Compute tensors once per content key and keep them as safetensors in the fbh cache.
-    build returns the tensors, or (tensors, string metadata)."""
+def load_cached(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor] | tuple],
+                with_metadata: bool = False):
+    """Compute tensors once per content key and keep them as safetensors in the fbh cache, carrying
+    their digest: a cached file whose bytes changed is refused, never used. build returns the
+    tensors, or (tensors, string metadata); with_metadata returns (tensors, metadata)."""
     path = cache_dir() / folder / f"{name}-{content_key(key_obj)}.safetensors"
-    if not path.is_file():
+    if path.is_file():
+        tensors, metadata = load_verified(path, what=f"cached {folder} file")
+    else:
         built = build()
-        tensors, metadata = built if isinstance(built, tuple) else (built, None)
-        save_atomically(path, {k: v.contiguous() for k, v in tensors.items()}, metadata)
-    return path
-
-
-def save_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a cache file so that readers see it whole or not at all, even with two processes
-    filling the cache at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.rename(path)
-
-
-def load_cached(folder: str, name: str, key_obj, build: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
-    return load_file(str(cached_tensors(folder, name, key_obj, build)))
+        tensors, metadata = built if isinstance(built, tuple) else (built, {})
+        save_verified(path, tensors, metadata)
+    return (tensors, metadata) if with_metadata else tensors
 
 
 # Tokenised text travels through the harness as one long tensor [N, 2, L]: ids and attention mask,

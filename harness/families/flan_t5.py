@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
+from harness.identity import revision_for
 from harness.families.common import (FamilyBase, HUB_FIX, load_cached, load_pretrained, load_split, pack_text,
                                      refuse_corruption, unpack_text)
 from harness.spec import SuiteSpec
@@ -44,7 +45,7 @@ class FlanT5Family(FamilyBase):
         if Path(resolved).exists() and not (Path(resolved) / "adapter_config.json").is_file():
             return None
         try:
-            return PeftConfig.from_pretrained(resolved, revision=self.suite.family.revision)
+            return PeftConfig.from_pretrained(resolved, revision=revision_for(self.suite, ref))
         except (ValueError, OSError):
             return None
 
@@ -59,7 +60,7 @@ class FlanT5Family(FamilyBase):
                                    field=field, fix="convert it to safetensors, or set family.allow_pickle: true")
         try:
             adapted = PeftModel.from_pretrained(copy.deepcopy(self.template()), self.resolve(ref, field),
-                                                revision=self.suite.family.revision)
+                                                revision=revision_for(self.suite, ref))
         except (OSError, ValueError) as exc:
             raise SuiteUnavailable(f"cannot load LoRA adapter '{ref}': {str(exc).splitlines()[0]}",
                                    file=str(self.suite_file), field=field, fix=HUB_FIX) from None
@@ -114,7 +115,8 @@ class FlanT5Family(FamilyBase):
             from transformers import AutoTokenizer
             fam = self.suite.family
             self._tokenizer = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base,
-                                                                         "family.processor"))
+                                                                         "family.processor"),
+                                                            revision=revision_for(self.suite, fam.processor or fam.base))
         return self._tokenizer
 
     def _target_text(self, task: str, label) -> str:
@@ -138,8 +140,8 @@ class FlanT5Family(FamilyBase):
             labels = tok(targets, padding=True)["input_ids"]
             return {"inputs": pack_text(enc), "labels": torch.as_tensor(labels, dtype=torch.long)}
 
-        key = {"fp": ds._fingerprint, "n": len(ds), "tok": tok.name_or_path, "vocab": len(tok),
-               "template": spec.templates[0], "classes": spec.classes, "label": spec.label_column, "v": 1}
+        key = self.evalset_key(task, split, ds, tokenizer=self.tokenizer_identity(), vocab=len(tok),
+                               max_length=MAX_LENGTH)
         t = load_cached("evalsets", f"{task}-{split}", key, build)
         return t["inputs"], t["labels"]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from harness.identity import revision_for
 from harness.families.common import (FamilyBase, load_cached, load_pretrained, load_split, pack_text, refuse_corruption,
                                      text_columns, unpack_text)
 from harness.spec import SuiteSpec
@@ -65,7 +66,8 @@ class Gpt2ClassificationFamily(FamilyBase):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
             fam = self.suite.family
-            tok = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"))
+            tok = AutoTokenizer.from_pretrained(self.resolve(fam.processor or fam.base, "family.processor"),
+                                                revision=revision_for(self.suite, fam.processor or fam.base))
             tok.pad_token = tok.pad_token or tok.unk_token or tok.eos_token  # GPT-2 has none; FusionBench's choice
             tok.padding_side = "right"
             self._tokenizer = tok
@@ -83,8 +85,8 @@ class Gpt2ClassificationFamily(FamilyBase):
             enc = tok(*[list(ds[c]) for c in columns], truncation=True, max_length=MAX_LENGTH, padding=True)
             return {"inputs": pack_text(enc), "labels": torch.as_tensor(list(ds[label_column]), dtype=torch.long)}
 
-        key = {"fp": ds._fingerprint, "n": len(ds), "tok": tok.name_or_path, "vocab": len(tok), "cols": columns,
-               "label": label_column, "max": MAX_LENGTH, "v": 1}
+        key = self.evalset_key(task, split, ds, tokenizer=self.tokenizer_identity(), vocab=len(tok), columns=columns,
+                               max_length=MAX_LENGTH)
         t = load_cached("evalsets", f"{task}-{split}", key, build)
         return t["inputs"], t["labels"]
 

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
+from harness.identity import revision_for
 from harness.families import OPTIONAL_LIBRARIES
 from harness.families.clip_vision import ClipVisionFamily
 from harness.families.common import HUB_FIX
@@ -79,7 +80,7 @@ class OpenClipVisionFamily(ClipVisionFamily):
             from huggingface_hub import snapshot_download
             wanted = [CONFIG_FILE, *SAFE_WEIGHTS] + (PICKLE_WEIGHTS if fam.allow_pickle else [])
             try:
-                folder = Path(snapshot_download(resolved, revision=fam.revision, allow_patterns=wanted))
+                folder = Path(snapshot_download(resolved, revision=revision_for(self.suite, ref), allow_patterns=wanted))
             except Exception as exc:  # offline and not cached, unknown repo, ...: all mean "not here"
                 raise SuiteUnavailable(f"cannot load model '{ref}': {str(exc).splitlines()[0]}",
                                        file=str(self.suite_file), field=field, fix=HUB_FIX) from None

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
+from harness.identity import revision_for
 from harness.evaluate import combine
 from harness.families.common import HUB_FIX, FamilyBase, load_cached, load_pretrained, load_split
 from harness.spec import SuiteSpec
@@ -178,7 +179,7 @@ class ResnetNyuv2Family(FamilyBase):
             return str(path)
         from huggingface_hub import hf_hub_download
         try:
-            return hf_hub_download(resolved, HEAD_FILE, revision=self.suite.family.revision)
+            return hf_hub_download(resolved, HEAD_FILE, revision=revision_for(self.suite, ref))
         except Exception as exc:  # offline, missing repo or file: the suite cannot run here
             raise SuiteUnavailable(f"cannot load the {task} decoder of '{ref}': {str(exc).splitlines()[0]}",
                                    file=str(self.suite_file), field=field, fix=HUB_FIX) from None
@@ -229,8 +230,7 @@ class ResnetNyuv2Family(FamilyBase):
                 target = (target[:, None] if target.dim() == 3 else target.permute(0, 3, 1, 2)).float()
             return {"inputs": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), "targets": target}
 
-        key = {"fp": ds._fingerprint, "n": len(ds), "image": image_column, "label": spec.label_column,
-               "kind": self.kind(task), "v": 1}
+        key = self.evalset_key(task, split, ds, image_column=image_column, kind=self.kind(task))
         t = load_cached("evalsets", f"{task}-{split}", key, build)
         return t["inputs"], t["targets"]
 

@@ -97,3 +97,17 @@ def ensure_built(name: str, overrides: dict[str, Any], progress: Callable[[str],
 
 def build_report(path: Path) -> dict[str, Any]:
     return json.loads((path / DONE_MARKER).read_text())
+
+
+# Provisional (replaced by the manifest written at build time on the zoo-determinism branch).
+def zoo_digest(path: Path) -> str:
+    from harness.digests import manifest_digest, tree_manifest
+    marker = json.loads((path / DONE_MARKER).read_text())
+    return marker.get("digest") or manifest_digest(tree_manifest(path, exclude=frozenset({DONE_MARKER})))
+
+
+def verify_zoo(path: Path) -> None:
+    from harness.digests import verify_manifest
+    files = json.loads((path / DONE_MARKER).read_text()).get("files")
+    if files:
+        verify_manifest(path, files, what=f"zoo {path.name}", fix="rebuild it: fbh zoo build SUITE --force")
