@@ -150,7 +150,7 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
     from harness.planner import method_files
     from harness.runner import local_executor, submit
     from harness.spec import load_submission
-    from harness.validate import validate_file
+    from harness.validate import check_name_owned, validate_file
     if tier not in TIERS:
         raise FbhError(f"unknown tier '{tier}'", field="--tier", fix=f"use one of: {', '.join(TIERS)}")
     changed = changed_files(base)
@@ -168,6 +168,7 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
             sub_result.name, sub_result.method = sub.name, sub.method
             used.add(sub.method)
             validate_file(path)
+            check_name_owned(sub.name, path, folder=REPO_ROOT / "submissions")
         except FbhError as exc:
             sub_result.error = exc.render()
         if sub_result.path in changed:

@@ -134,6 +134,49 @@ def leaderboard(suite, fmt, setting, condition, fingerprint, db):
                        + (f"; show them with --fingerprint {o['fingerprint']}" if o["fingerprint"] else ""))
 
 
+@main.command()
+@click.argument("target", required=False)
+@click.option("--suite", default=None, help="only runs of this suite")
+@click.option("--sample", type=click.IntRange(1), default=None,
+              help="reproduce this many stored runs, drawn (seeded) from each suite's current fingerprint")
+@click.option("--seed", type=int, default=0, show_default=True, help="the sample's seed")
+@click.option("--tolerance", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="largest difference allowed per result row (same inputs, same code: 0 is expected)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+def reproduce(target, suite, sample, seed, tolerance, device, db):
+    """Run stored runs again from what they recorded and print the largest difference per result row.
+    TARGET is a run id or a submission / reference name (all its settings); exit 1 over the tolerance."""
+    from harness.paths import default_db
+    from harness.provenance import pick_device
+    from harness.reproduce import reproduce as run_again, runs_to_reproduce
+    from harness.store import Store
+    path = db or default_db()
+    if not Path(path).exists():
+        raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
+    if target is None and sample is None:
+        raise FbhError("nothing to reproduce", field="TARGET", fix="give a run id or name, or --sample N")
+    store = Store(path)
+    worst = 0.0
+    for run in runs_to_reproduce(store, target, suite, sample, seed):
+        result = run_again(store, run, str(pick_device(device)), progress_printer(quiet=True))
+        head = f"{run['suite']} / {run['setting']} / {run['label']} (run {run['run_id']})"
+        if result.error:
+            click.echo(f"FAILED  {head}: the run failed this time: {result.error}")
+            worst = float("inf")
+            continue
+        worst = max(worst, result.largest)
+        verdict = "same" if result.largest == 0 else ("within" if result.largest <= tolerance else "MOVED")
+        click.echo(f"{verdict:7s} {head}: largest difference {result.largest:.6g} over {len(result.rows)} rows")
+        for row in result.rows:
+            if row.difference > 0:
+                where = " ".join(str(x) for x in row.where if x is not None)
+                click.echo(f"          {where}: stored {row.stored}, now {row.now}")
+    if worst > tolerance:
+        click.echo(f"a result moved by {worst:.6g}, over the tolerance {tolerance:g}", err=True)
+        sys.exit(1)
+
+
 @main.group()
 def suites():
     """Inspect benchmark suites."""

@@ -17,6 +17,11 @@ def suites_dir() -> Path:
     return Path(os.environ.get("FBH_SUITES_DIR") or REPO_ROOT / "suites")
 
 
+def submissions_dir() -> Path:
+    """The submissions a name must be unique among: $FBH_SUBMISSIONS_DIR, else submissions/ here."""
+    return Path(os.environ.get("FBH_SUBMISSIONS_DIR") or REPO_ROOT / "submissions")
+
+
 def default_db() -> Path:
     """The results database: $FBH_DB, else .fbh/results.duckdb under the current directory."""
     return Path(os.environ.get("FBH_DB") or Path.cwd() / ".fbh" / "results.duckdb")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from harness import registry
+from harness.digests import CorruptFile
 from harness.errors import FbhError, SuiteUnavailable
 from harness.planner import (GridSearch, Job, SuiteInputs, all_keys, content_hash, default_suites, find_suite,
                              grid_points, harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
@@ -68,6 +69,12 @@ class SuiteHandle:
         scope = content_hash({"fingerprint": self.on.fingerprint, "code": harness_code_hash(),
                               "device": str(self.family.device)})
         return cache_dir() / "outputs" / scope[:16]
+
+    reuse_outputs: bool = True  # False: every logit is computed afresh (fbh reproduce)
+
+    @property
+    def outputs(self) -> Path | None:
+        return self.outputs_cache if self.reuse_outputs else None
 
     def check(self, job: Job, progress: Progress) -> None:
         """The job runs on what it was planned on: every input is checked again (cheap once
@@ -146,11 +153,12 @@ def identity_fields(job: Job) -> dict:
     return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict()}
 
 
-def execute_job(job: Job, device: str = "cpu", progress: Progress = print) -> JobResult:
-    """Run one job and return its run and rows; never touches the store."""
+def execute_job(job: Job, device: str = "cpu", progress: Progress = print, reuse_outputs: bool = True) -> JobResult:
+    """Run one job and return its run and rows; never touches the store. reuse_outputs=False computes
+    every stored checkpoint's logits again instead of reading the outputs cache."""
     import torch
     dev = torch.device(device)
-    handle = open_suite(job.suite, dev, progress)
+    handle = dataclasses.replace(open_suite(job.suite, dev, progress), reuse_outputs=reuse_outputs)
     handle.check(job, progress)
     if job.kind == "reference":
         return _reference(job, handle, dev, progress)
@@ -169,13 +177,13 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs_cache)
+                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs_cache)
+                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None, job))
@@ -198,7 +206,7 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     run, result = _fuse_and_score(job, handle, device, progress, params,
                                   lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
                                                              batch_size=spec.eval_batch_size,
-                                                             outputs_cache=handle.outputs_cache))
+                                                             outputs_cache=handle.outputs))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -216,7 +224,7 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
                                                            batch_size=handle.spec.eval_batch_size,
-                                                           outputs_cache=handle.outputs_cache))
+                                                           outputs_cache=handle.outputs))
     return result
 
 
@@ -246,7 +254,7 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
         t0 = time.perf_counter()
         rows = score(predictor)
         run.eval_seconds = time.perf_counter() - t0
-    except (KeyboardInterrupt, SystemExit, SuiteUnavailable):
+    except (KeyboardInterrupt, SystemExit, SuiteUnavailable, CorruptFile):  # the inputs' fault, not the method's
         raise
     except Exception as exc:  # the method's failure is its run's, not the batch's
         run.status = "failed"
@@ -456,13 +464,17 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     specs = [find_suite(n) for n in names]  # every suite is validated before any work
     report = SubmitReport(sub.name)
     specs = available_suites(specs, report, sub.name, progress)
+    from harness.validate import check_name_owned
+    check_name_owned(sub.name, path)
     suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
+    check_name_owned(sub.name, path, store.submission_source(sub.name))
     done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))
     todo = plan(sub, suites_, done, force=force, file=str(path))
     if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
-    store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")), str(path))
+    store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")),
+                            str(path.resolve()))
     for (spec, file), (_, on) in zip(specs, suites_):
         store_suite(store, spec, on, progress)
         store_published(store, spec, file)

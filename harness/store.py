@@ -229,6 +229,11 @@ class Store:
                 raise
 
     # -- writes ------------------------------------------------------------------
+    def submission_source(self, name: str) -> str | None:
+        """The file a submission name was last submitted from."""
+        rows = self.query("SELECT source_path FROM submissions WHERE name = ?", [name])
+        return rows[0]["source_path"] if rows else None
+
     def upsert_submission(self, spec: dict[str, Any], spec_hash: str, source_path: str | None) -> None:
         with self.transaction() as con:
             con.execute("DELETE FROM submissions WHERE name = ?", [spec["name"]])

@@ -8,6 +8,39 @@ from harness.errors import FbhError
 from harness.spec import load_submission, load_suite, read_yaml
 
 
+def name_owners(name: str, path: Path, folder: Path | None = None) -> list[Path]:
+    """The other submission files in `folder` (default: the submissions folder) that claim `name`."""
+    from harness.paths import submissions_dir
+    here = Path(path).resolve()
+    owners = []
+    for other in sorted((folder or submissions_dir()).glob("*.y*ml")):
+        if other.resolve() == here:
+            continue
+        try:
+            data = read_yaml(other)
+        except FbhError:
+            continue  # a broken file is reported when it is validated itself
+        if data.get("name") == name:
+            owners.append(other)
+    return owners
+
+
+def check_name_owned(name: str, path: Path, stored_source: str | None = None, folder: Path | None = None) -> None:
+    """A submission name belongs to one file: a second file claiming it would silently replace the
+    first one's entry. `stored_source`: the file the results database has the name from."""
+    owners = name_owners(name, path, folder)
+    if stored_source and Path(stored_source).resolve() != Path(path).resolve() and Path(stored_source).is_file():
+        try:
+            if read_yaml(Path(stored_source)).get("name") == name and Path(stored_source) not in owners:
+                owners.append(Path(stored_source))
+        except FbhError:
+            pass
+    if owners:
+        raise FbhError(f"submission name '{name}' is already used by {', '.join(map(str, owners))}", file=str(path),
+                       field="name", fix="give this submission a name of its own (a name belongs to one file), "
+                                         "or edit that file instead")
+
+
 def validate_file(path: Path) -> str:
     """Validate one file; return 'suite' or 'submission'. Raises FbhError on the first problem."""
     from harness.runner import validate_submission
@@ -18,6 +51,7 @@ def validate_file(path: Path) -> str:
         check_suite(load_suite(path), Path(path))
         return "suite"
     sub = load_submission(path)
+    check_name_owned(sub.name, Path(path))
     validate_submission(sub, str(path))
     if sub.suites:
         from harness.runner import suite_files

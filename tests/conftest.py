@@ -56,7 +56,9 @@ def fbh_env(tmp_path_factory):
     suites = root / "suites"
     suites.mkdir()
     (suites / "tiny-small.yaml").write_text(yaml.safe_dump(small_suite_spec()))
-    old = {k: os.environ.get(k) for k in ("FBH_CACHE", "FBH_SUITES_DIR", "FBH_DB")}
+    old = {k: os.environ.get(k) for k in ("FBH_CACHE", "FBH_SUITES_DIR", "FBH_DB", "FBH_SUBMISSIONS_DIR")}
+    (root / "submissions").mkdir()  # tests submit copies of the shipped submissions under their names
+    os.environ["FBH_SUBMISSIONS_DIR"] = str(root / "submissions")
     os.environ["FBH_CACHE"] = str(root / "cache")
     os.environ["FBH_SUITES_DIR"] = str(suites)
     os.environ["FBH_DB"] = str(root / "default.duckdb")
@@ -82,8 +84,9 @@ def write_yaml(tmp_path):
 @pytest.fixture()
 def private_env(tmp_path, monkeypatch):
     """A private suites dir, cache and DB under tmp_path for one test."""
-    for name in ("suites", "cache"):
+    for name in ("suites", "cache", "submissions"):
         (tmp_path / name).mkdir()
+    monkeypatch.setenv("FBH_SUBMISSIONS_DIR", str(tmp_path / "submissions"))
     monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
     monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FBH_DB", str(tmp_path / "results.duckdb"))
