@@ -32,9 +32,16 @@ ROWS = """SELECT r.kind, r.label, r.setting, r.status, x.task, x.task_split, x.c
           FROM runs r JOIN results x USING (run_id) ORDER BY ALL"""
 
 
+def planned_suite(name: str):
+    """(spec, inputs) as submit plans a suite: its zoo built and fingerprinted."""
+    from harness.runner import suite_inputs
+    spec, path = find_suite(name)
+    return spec, suite_inputs(spec, path, lambda m: None)[1]
+
+
 def batch_jobs() -> list:
     """References once, then two settings of each submission on the shrunken suite."""
-    suite, _ = find_suite("tiny-small")
+    suite = planned_suite("tiny-small")
     jobs = {}
     for name in BATCH:
         jobs.update({j.key: j for j in plan(load_submission(REPO / "submissions" / name), [suite], set()).todo})
@@ -185,8 +192,7 @@ def test_grid_points_are_jobs_and_executors_agree(fbh_env, local_rows, write_yam
     from harness.executors import make_executor
     from harness.runner import submit
     sub = write_yaml("grid3.yaml", GRID)
-    suite, _ = find_suite("tiny-small")
-    planned = plan(load_submission(sub), [suite], set())
+    planned = plan(load_submission(sub), [planned_suite("tiny-small")], set())
     points = [j for j in planned.todo if j.kind == "grid_point"]
     assert [(j.setting, j.params["scaling_factor"]) for j in points] == \
         [(s, f) for s in ("all", "two-seen") for f in (0.1, 0.5, 1.0)]
