@@ -66,11 +66,11 @@ def open_suite(name: str, device, progress: Progress = print) -> SuiteHandle:
 def _open_suite(name: str, device: str, progress: Progress, _suites: str, _cache: str) -> SuiteHandle:
     import torch
     from harness.families import load_family
-    from harness.zoo import ensure_built
+    from harness.zoo import ensure_suite_zoo
     spec, path = find_suite(name)
     zoo_dir = None
     if spec.family.zoo is not None:
-        zoo_dir = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress)
+        zoo_dir = ensure_suite_zoo(spec.family.zoo, path, progress=progress)  # says so if not the pinned zoo
     return SuiteHandle(spec, path, zoo_dir, load_family(spec, path, zoo_dir, torch.device(device)))
 
 
