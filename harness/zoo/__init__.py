@@ -84,7 +84,7 @@ def zoo_path(name: str, overrides: dict[str, Any]) -> Path:
     return cache_dir() / "zoo" / zoo_key(name, resolved_recipe(name, overrides))
 
 
-# ----------------------------------------------------------------------------- the finished build: marker, digest, verification
+# ----------------------------------------------------------------------------- the finished build: marker, digest
 
 def read_marker(path: Path) -> dict[str, Any] | None:
     """The build's marker if it is one this code wrote: a manifest of every file and its digest.
@@ -129,7 +129,8 @@ def verify_zoo(path: Path) -> None:
 def rebuild_fix(key: str | None) -> str:
     suites = suites_using(key) if key else []
     suite = suites[0] if suites else "SUITE"
-    return f"rebuild it with `fbh zoo build {suite} --force`, or install a verified export with `fbh zoo import PATH --force`"
+    return (f"rebuild it with `fbh zoo build {suite} --force`, or install a verified export with "
+            f"`fbh zoo import PATH --force`")
 
 
 def suites_using(key: str) -> list[str]:
@@ -156,25 +157,21 @@ def zoo_pin_mismatch(spec_zoo, path: Path, suite_file: str | Path | None = None)
     if built == pinned:
         return None
     where = f"{suite_file}: " if suite_file else ""
-    return (f"{where}the zoo built here ({Path(path).name}) has digest {built}, but the suite file field "
+    return (f"warning: {where}the zoo built here ({Path(path).name}) has digest {built}, but the suite file field "
             f"family.zoo.digest pins {pinned}: runs are stored under this zoo's own fingerprint, apart from "
-            f"the results computed on the pinned zoo.\n  fix: `fbh zoo import` main's exported zoo (the site "
-            f"workflow's zoo-tiny-vision.tar.gz), or re-pin family.zoo.digest to {built} if this build is "
-            f"the new canonical one")
-
-
-_pin_messages_given: set[tuple[str, str, str]] = set()
+            f"the results computed on the pinned zoo.\n  fix: `fbh zoo import PATH` the zoo main's results were "
+            f"computed on (`fbh zoo export SUITE PATH` there; main's CI saves tiny-vision's as "
+            f"zoo-tiny-vision.tar.gz), or re-pin family.zoo.digest to {built} if this build is the new canonical one")
 
 
 def ensure_suite_zoo(spec_zoo, suite_file: str | Path | None = None,
                      progress: Callable[[str], None] | None = None, force: bool = False) -> Path:
-    """ensure_built for a suite's family.zoo, saying once per process when the build is not the pinned one
-    (a warning, never a refusal: the runs are still correct for the zoo they ran on)."""
+    """ensure_built for a suite's family.zoo, saying through progress when the build is not the pinned one
+    (a warning, never a refusal: the runs are still right for the zoo they ran on). The runner opens a
+    suite once per process, so a submit says it once."""
     path = ensure_built(spec_zoo.builder, spec_zoo.recipe, progress=progress, force=force)
     message = zoo_pin_mismatch(spec_zoo, path, suite_file)
-    seen = (str(path), zoo_digest(path), str(spec_zoo.digest))
-    if message and progress is not None and seen not in _pin_messages_given:
-        _pin_messages_given.add(seen)
+    if message and progress is not None:
         progress(message)
     return path
 

@@ -197,7 +197,9 @@ def checked_export(build: Path, src: Path) -> dict[str, Any]:
                                    for k in ("files", "digest", "key", "builder"))
     if not isinstance(files, dict) or not isinstance(digest, str) or not re.fullmatch(DIGEST_PATTERN, digest):
         raise refuse(src, f"its {DONE_MARKER} has no manifest and digest (built by older fbh code?)")
-    if builder not in BUILDERS or not isinstance(key, str) or not re.fullmatch(rf"{re.escape(builder)}-[0-9a-f]{{12}}", key):
+    known = isinstance(builder, str) and builder in BUILDERS
+    key_pattern = rf"{re.escape(builder)}-[0-9a-f]{{12}}" if known else None
+    if key_pattern is None or not isinstance(key, str) or not re.fullmatch(key_pattern, key):
         raise refuse(src, f"its {DONE_MARKER} names no known builder and key (builder {builder!r}, key {key!r})")
     for rel in files:
         safe_parts(src, rel)
