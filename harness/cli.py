@@ -253,22 +253,66 @@ def ci(base, tier, report_path, db, quiet):
 
 @main.group()
 def zoo():
-    """Build the models and data of embedded suites."""
+    """Build, export and import the models and data of embedded suites."""
+
+
+def _zoo_suite(suite: str):
+    from harness.runner import find_suite
+    spec, path = find_suite(suite)
+    if spec.family.zoo is None:
+        raise FbhError(f"suite '{suite}' has no zoo: its models come from the hub", file=str(path),
+                       field="family.zoo", fix="pick a suite with family.zoo, e.g. tiny-vision")
+    return spec, path
 
 
 @zoo.command("build")
 @click.argument("suite")
 @click.option("--force", is_flag=True, help="rebuild even if a finished build is cached")
 def zoo_build(suite, force):
-    """Build SUITE's zoo (models + data) into the cache, deterministically, on CPU."""
-    from harness.runner import find_suite
-    from harness.zoo import ensure_built
-    spec, path = find_suite(suite)
-    if spec.family.zoo is None:
-        raise FbhError(f"suite '{suite}' has no zoo: its models come from the hub", file=str(path),
-                       field="family.zoo", fix="pick a suite with family.zoo, e.g. tiny-vision")
-    out = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress_printer(), force=force)
+    """Build SUITE's zoo (models + data) into the cache, deterministically, on CPU; print its path
+    (stdout) and its content digest (stderr), the value family.zoo.digest pins."""
+    from harness.zoo import ensure_suite_zoo, zoo_digest
+    spec, path = _zoo_suite(suite)
+    say = progress_printer()
+    out = ensure_suite_zoo(spec.family.zoo, path, progress=say, force=force)
+    say(f"zoo digest {zoo_digest(out)}")
     click.echo(str(out))
+
+
+@zoo.command("export")
+@click.argument("suite")
+@click.argument("dest", metavar="PATH", type=click.Path(path_type=Path))
+def zoo_export(suite, dest):
+    """Write SUITE's built zoo, its manifest and digest included, to PATH: a .tar.gz (.tgz, .tar),
+    or a new folder when PATH has no tar suffix. `fbh zoo import PATH` installs it elsewhere."""
+    from harness.zoo import export_zoo, is_built, zoo_digest, zoo_path
+    spec, path = _zoo_suite(suite)
+    built = zoo_path(spec.family.zoo.builder, spec.family.zoo.recipe)
+    if not is_built(built):
+        raise FbhError(f"suite '{suite}' has no finished zoo build in this cache", file=str(path),
+                       field="family.zoo", fix=f"build it first: `fbh zoo build {suite}`")
+    export_zoo(built, dest)
+    click.echo(f"{dest}  {built.name}  {zoo_digest(built)}")
+
+
+@zoo.command("import")
+@click.argument("src", metavar="PATH", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="replace a different build installed under the same key")
+def zoo_import(src, force):
+    """Verify every file of an export (a .tar.gz or folder from `fbh zoo export`) against its manifest
+    and digest, then install it into the cache under its key; print the suites that use it."""
+    from harness.runner import find_suite
+    from harness.zoo import import_zoo, zoo_pin_mismatch
+    result = import_zoo(src, force=force)
+    click.echo(f"{result.status}: {result.path}  {result.digest}")
+    if not result.suites:
+        click.echo("no suite here uses this key (its recipe or builder code differ from this checkout's)")
+    for name in result.suites:
+        spec, path = find_suite(name)
+        click.echo(f"used by suite {name}")
+        mismatch = zoo_pin_mismatch(spec.family.zoo, result.path, path)
+        if mismatch:
+            click.echo(mismatch, err=True)
 
 
 @main.group()

@@ -26,10 +26,18 @@ ZERO_SHOT = "zero_shot"  # family.heads computed from the base model: no input o
 
 
 def shaping_spec(suite: SuiteSpec) -> dict:
+    """The suite spec less what does not shape a number: presentation, published rows, and the pins
+    (a pinned zoo digest or hub commit is checked, and what was really read is in the inputs)."""
     spec = suite.model_dump(mode="json")
     for name in PRESENTATION_FIELDS:
         spec.pop(name, None)
     spec["references"] = {k: v for k, v in spec["references"].items() if k != "published"}
+    for name in ("revision", "revisions"):
+        spec["family"].pop(name, None)
+    if spec["family"].get("zoo"):
+        spec["family"]["zoo"].pop("digest", None)
+    for task in spec["tasks"]:
+        task.pop("revision", None)
     return spec
 
 

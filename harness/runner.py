@@ -39,15 +39,17 @@ Progress = Callable[[str], None]
 
 # ----------------------------------------------------------------------------- suites
 
-def suite_inputs(spec: SuiteSpec, file: Path, progress: Progress = print) -> tuple[Path | None, SuiteInputs]:
+def suite_inputs(spec: SuiteSpec, file: Path, progress: Progress = print,
+                 announce: bool = False) -> tuple[Path | None, SuiteInputs]:
     """What the suite's runs would be computed on here: its zoo built (and every file of it checked
-    against the digests written at build time) or its hub snapshots found, and the fingerprint."""
+    against the digests written at build time) or its hub snapshots found, and the fingerprint.
+    announce: say when the zoo is not the one the suite file pins (once per submit)."""
     from harness.identity import fingerprint, resolve_inputs
     zoo_dir = None
     if spec.family.zoo is not None:
-        from harness.zoo import ensure_built, verify_zoo
-        zoo_dir = ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress)
-        verify_zoo(zoo_dir)
+        from harness.zoo import ensure_built, ensure_suite_zoo
+        zoo_dir = (ensure_suite_zoo(spec.family.zoo, file, progress=progress) if announce
+                   else ensure_built(spec.family.zoo.builder, spec.family.zoo.recipe, progress=progress))
     inputs = resolve_inputs(spec, file, zoo_dir)
     return zoo_dir, SuiteInputs(fingerprint(spec, inputs), inputs)
 
@@ -313,7 +315,7 @@ def store_suite(store: Store, spec: SuiteSpec, on: SuiteInputs, progress: Progre
     """The suite row: its spec, the fingerprint this submit computes on, and the one its file pins."""
     from harness.identity import expected_fingerprint
     expected = expected_fingerprint(spec)
-    if expected is not None and expected != on.fingerprint:
+    if expected is not None and expected != on.fingerprint and spec.family.zoo is None:  # a zoo says so itself
         progress(f"[{spec.name}] computing on fingerprint {on.fingerprint}, not the {expected} the suite file "
                  "pins: these rows are ranked apart from runs on the pinned inputs")
     spec_json = spec.model_dump(mode="json")
@@ -466,7 +468,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     specs = available_suites(specs, report, sub.name, progress)
     from harness.validate import check_name_owned
     check_name_owned(sub.name, path)
-    suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
+    suites_ = [(s, suite_inputs(s, f, progress, announce=True)[1]) for s, f in specs]  # builds, checks zoos first
     store = Store(db or default_db())
     check_name_owned(sub.name, path, store.submission_source(sub.name))
     done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import FbhError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 NAME_FIX = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
@@ -28,6 +29,16 @@ class ZooSpec(Strict):
     """Models and data the harness builds itself, offline and deterministically."""
     builder: str
     recipe: dict[str, Any] = Field(default_factory=dict)
+    digest: str | None = Field(None, description="the content digest the built zoo is expected to have "
+                                                 "(`fbh zoo build` prints it); a build that differs is "
+                                                 "reported, never refused")
+
+    @field_validator("digest")
+    @classmethod
+    def _digest_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(DIGEST_PATTERN, v):
+            raise ValueError("a zoo digest is 'sha256:' and 64 lower-case hex digits, as `fbh zoo build` prints it")
+        return v
 
 
 class FamilySpec(Strict):

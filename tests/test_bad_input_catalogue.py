@@ -91,6 +91,7 @@ SUITES = [
     ("suite-missing-expert", lambda s: s["family"]["experts"].pop("shapes"), "(top level)"),
     ("suite-unknown-builder", _set(["family", "zoo", "builder"], "giant_vision"), "family.zoo.builder"),
     ("suite-unknown-recipe-key", _set(["family", "zoo", "recipe", "epochs"], 3), "family.zoo.recipe"),
+    ("suite-zoo-digest-not-sha256", _set(["family", "zoo", "digest"], "md5:0123"), "family.zoo.digest"),
     ("suite-path-escapes-repo", _set(["tasks", 0, "dataset"], "../../../../etc"), "tasks[0].dataset"),
     ("suite-zoo-escapes", _set(["family", "base"], "zoo://../../elsewhere"), "family.base"),
     ("suite-mtl-missing", _del(["references", "mtl"]), "(top level)"),

@@ -588,10 +588,9 @@ def _train_and_save(out: Path, recipe, tasks, data, bank, progress, tick, starte
     for job, message in run_finetunes(jobs, base, recipe, data["train"], heads):
         progress(message)
         tick(job.steps)
-    report = {"seconds": round(time.time() - started, 1), "tasks": tasks,
-              "classes": {t: TASKS[t][1] for t in tasks}}
-    (out / "zoo.json").write_text(json.dumps(report, indent=2))
-    return report
+    layout = {"tasks": tasks, "classes": {t: TASKS[t][1] for t in tasks}}
+    (out / "zoo.json").write_text(json.dumps(layout, indent=2))  # no timings: every byte follows from the recipe
+    return {"seconds": round(time.time() - started, 1), **layout}
 
 
 @dataclass(frozen=True)
@@ -622,9 +621,10 @@ def _receive_shared(shared: dict[str, Any]) -> None:
 def run_finetunes(jobs: list[FinetuneJob], base, recipe, data, heads):
     """Fine-tune every job, one process per core (each single-threaded, seeded by its job),
     so the zoo is the same whatever the number of workers; yields (job, message) as each ends.
-    Forked workers inherit the parent's base model and data instead of a fresh import. With a
-    GPU visible, PyTorch's autograd has started device threads in this process (pre-training),
-    and a forked child cannot run autograd: there the workers are spawned and sent the data."""
+    Forked workers inherit the parent's base model and data instead of a fresh import. ensure_built
+    runs the builder where no GPU is visible, so its workers fork; called directly with a GPU
+    visible, PyTorch's autograd has started device threads in this process (pre-training), and a
+    forked child cannot run autograd: there the workers are spawned and sent the data."""
     import multiprocessing
     import os
     shared = dict(base=base, recipe=recipe, data=data, heads=heads)
