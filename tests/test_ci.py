@@ -130,3 +130,4 @@ def test_workflows_parse_and_isolate_untrusted_code():
     assert any(u.startswith("actions/deploy-pages") for u in steps)
     assert "fbh site build" in (REPO / ".github" / "workflows" / "site.yml").read_text()
     assert "fbh zoo export tiny-vision zoo-tiny-vision.tar.gz" in (REPO / ".github" / "workflows" / "site.yml").read_text()
+    assert "fbh reproduce --sample" in (REPO / ".github" / "workflows" / "site.yml").read_text()

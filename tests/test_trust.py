@@ -124,6 +124,26 @@ def test_corrupt_outputs_cache_is_refused_and_nothing_is_stored(fbh_env, tmp_pat
             path.unlink()
 
 
+def test_corrupt_zoo_files_stop_the_submit_before_anything_is_stored(fbh_env, tmp_path):
+    """Expert weights scaled or heads scaled in the built zoo (mtime kept): an error naming the file."""
+    from harness.zoo import zoo_path
+    zoo = zoo_path("tiny_vision", small_suite_spec()["family"]["zoo"]["recipe"])
+    db = tmp_path / "r.duckdb"
+    sub = write_submission(tmp_path, "ta", "task_arithmetic", params={"scaling_factor": 0.3})
+    assert cli("submit", sub, "--db", db, "--quiet").exit_code == 0
+    before = Store(db).counts()
+    for rel in (f"experts/{SMALL_TASKS[1]}/model.safetensors", "heads.safetensors"):
+        path = zoo / rel
+        original = path.read_bytes()
+        tamper(path, lambda t: {k: v * 1.01 if v.is_floating_point() else v for k, v in t.items()})
+        try:
+            res = cli("submit", sub, "--db", db, "--quiet", "--force")
+            assert res.exit_code == 2 and str(path) in res.output and "Traceback" not in res.output, res.output
+            assert "fbh zoo build" in res.output and Store(db).counts() == before
+        finally:  # the session's other tests share this zoo
+            path.write_bytes(original)
+
+
 # ----------------------------------------------------------------------------- fingerprints
 
 def test_runs_on_other_inputs_are_never_ranked_together(fbh_env, tmp_path):
