@@ -6,7 +6,6 @@ Adding a method never touches the harness: drop a file into methods/ that calls
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import pkgutil
@@ -16,6 +15,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from harness.code_identity import code_digest, module_closure
 from harness.errors import FbhError
 
 Category = Literal["ensemble", "merging", "mixing"]
@@ -45,6 +45,7 @@ class MethodInfo:
     trains: bool
     stochastic: bool
     source_file: Path
+    module: str               # the module the @method decorator ran in, e.g. 'methods.ties_merging'
     summary: str
     reference: str
     # Name of the Params field that holds how many examples per task the method reads;
@@ -75,8 +76,15 @@ class MethodInfo:
             raise FbhError(msg, file=file, field=f"{prefix}.{key}",
                            fix=f"method '{self.name}' accepts: {allowed or 'no hyperparameters'}") from None
 
-    def code_hash(self) -> str:
-        return hashlib.sha256(self.source_file.read_bytes()).hexdigest()[:16]
+    def code_files(self) -> dict[str, Path]:
+        """Module name -> file of the code this method runs beyond the harness: its module and every
+        module of its package it imports (methods/_common.py, ...), transitively."""
+        return module_closure(self.module, self.source_file)
+
+    def code_identity(self) -> str:
+        """Digest of that code's syntax (comments, layout and docstrings do not count): what a run key
+        holds of the method, so an edit to it, or to a helper it imports, re-keys its runs only."""
+        return code_digest(self.code_files())
 
 
 def _type_name(annotation: Any) -> str:
@@ -85,6 +93,7 @@ def _type_name(annotation: Any) -> str:
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _discovered = False
+_BROKEN: dict[str, str] = {}  # methods module -> why importing it failed
 
 
 def method(name: str, *, params: type[Params] = NoParams, category: Category, data: DataAccess = "none",
@@ -112,7 +121,7 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, params=params, category=category, data=data, output=output,
             trains=trains, stochastic=stochastic, source_file=Path(module.__file__).resolve(),
-            summary=lines[0] if lines else name, reference=ref, samples=samples)
+            module=module.__name__, summary=lines[0] if lines else name, reference=ref, samples=samples)
         return fn
     return wrap
 
@@ -123,15 +132,25 @@ def discover() -> dict[str, MethodInfo]:
         import methods
         for info in pkgutil.iter_modules(methods.__path__):
             if not info.name.startswith("_"):
-                importlib.import_module(f"methods.{info.name}")
+                try:
+                    importlib.import_module(f"methods.{info.name}")
+                except Exception as exc:  # planning imports every method: one broken file must not stop the rest
+                    _BROKEN[f"methods.{info.name}"] = f"{type(exc).__name__}: {exc}"
         _discovered = True
     return dict(sorted(_REGISTRY.items()))
+
+
+def import_failures() -> dict[str, str]:
+    """Methods modules that failed to import (module -> error), after discover()."""
+    return dict(_BROKEN)
 
 
 def get(name: str, file: str | None = None) -> MethodInfo:
     registry = discover()
     if name not in registry:
         close = [n for n in registry if n.startswith(name[:3])] or list(registry)
-        raise FbhError(f"unknown method '{name}'", file=file, field="method",
-                       fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)")
+        broken = "".join(f"; {module} failed to import ({why:.300})" for module, why in sorted(_BROKEN.items()))
+        raise FbhError(f"unknown method '{name}'{broken}", file=file, field="method",
+                       fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)"
+                           + (", or fix the module that failed to import" if broken else ""))
     return registry[name]
