@@ -75,10 +75,15 @@ def condition_label(row: dict, labels: dict[str, tuple[str, int | None]]) -> str
 def resolve_condition(store: Store, suite: str, condition: str) -> tuple[str, int | None]:
     """(condition, severity) of 'clean', a label of condition_labels, or name@severity; a corruption's
     plain name where the suite lists it at several severities is ambiguous."""
-    if condition == "clean":
-        return "clean", None
+    return ("clean", None) if condition == "clean" else _resolve(condition, suite_conditions(store, suite), suite)
+
+
+def suite_conditions(store: Store, suite: str) -> dict[str, tuple[str, int | None]]:
     rows = store.query("SELECT spec FROM suites WHERE name = ?", [suite])
-    labels = condition_labels(json.loads(rows[0]["spec"]).get("corruptions") or []) if rows else {}
+    return condition_labels(json.loads(rows[0]["spec"]).get("corruptions") or []) if rows else {}
+
+
+def _resolve(condition: str, labels: dict[str, tuple[str, int | None]], suite: str) -> tuple[str, int | None]:
     if condition in labels:
         return labels[condition]
     name, at, severity = condition.partition("@")
@@ -183,7 +188,8 @@ def robustness(store: Store, suite: str, conditions: list[str]) -> tuple[list[st
     under every corruption, and extra['corrupted_mean'] (FusionBench's robustness table, summarized).
     `conditions` are labels (see resolve_condition): 'jpeg', or 'jpeg@1' and 'jpeg@5' for two severities."""
     tasks, entries = table(store, suite)
-    labels = {c: resolve_condition(store, suite, c) for c in conditions}
+    known = suite_conditions(store, suite) if conditions else {}
+    labels = {c: _resolve(c, known, suite) for c in conditions}
     rows = store.query("SELECT run_id, condition, severity, task, metric, value FROM results WHERE condition IN "
                        "(SELECT unnest(?::VARCHAR[])) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
                        [[name for name, _ in labels.values()], [e.run_id for e in entries]]) \
