@@ -6,8 +6,10 @@ submission's setting. Its key hashes everything its result depends on: the submi
 method's code (from the registry: its module and the modules of methods/ it imports), the
 setting (its kind, name and tasks), the suite spec, the zoo, and the harness modules that
 shape results. Code is hashed by its syntax, so a comment or a docstring re-keys nothing.
-Planning reads YAML and imports the methods (the registry is what says which code a method
-is), but loads no model, so an unchanged re-submit is answered from the store at once.
+The registry is what says which code a method is (harness.registry.code_identity: a process
+that has not imported the methods reads the index of their modules its last discovery wrote,
+while no file of methods/ has changed, so planning an unchanged re-submit imports no torch).
+Planning loads no model, so an unchanged re-submit is answered from the store at once.
 """
 
 from __future__ import annotations
@@ -194,10 +196,9 @@ def reference_jobs(suite: SuiteSpec) -> list[Job]:
 
 
 def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, file: str | None) -> dict:
-    method = registry.get(sub.method, file=file)
     return {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
-            "method_code": method.code_identity(), "suite": suite_spec_hash(suite), "zoo": zoo_id(suite),
-            "harness": harness_code_hash()}
+            "method_code": registry.code_identity(sub.method, file), "suite": suite_spec_hash(suite),
+            "zoo": zoo_id(suite), "harness": harness_code_hash()}
 
 
 def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> list[tuple[Setting, Job]]:

@@ -6,9 +6,13 @@ Adding a method never touches the harness: drop a file into methods/ that calls
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
+import os
 import pkgutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -17,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from harness.code_identity import code_digest, module_closure
 from harness.errors import FbhError
+from harness.paths import cache_dir
 
 Category = Literal["ensemble", "merging", "mixing"]
 # What the harness hands the method beyond the models themselves.
@@ -154,3 +159,58 @@ def get(name: str, file: str | None = None) -> MethodInfo:
                        fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)"
                            + (", or fix the module that failed to import" if broken else ""))
     return registry[name]
+
+
+# ----------------------------------------------------------------------------- planning without importing
+
+def code_identity(name: str, file: str | None = None) -> str:
+    """MethodInfo.code_identity of method `name`, as planning asks for it. Importing the methods means
+    importing torch, most of what an unchanged re-submit costs; so a process that has not imported
+    them takes the method's module from the index its last discovery wrote, while nothing that
+    discovery read has changed (every file on the methods package's path, this module, the
+    interpreter). The digest is always of the files as they are now."""
+    if _discovered or name in _REGISTRY:
+        return get(name, file).code_identity()
+    inputs = _discovery_inputs()
+    where = _indexed_modules(inputs).get(name)
+    if where is None:
+        info = get(name, file)  # discovers every method, or raises the unknown-method error
+        _write_index(inputs)
+        return info.code_identity()
+    return code_digest(module_closure(where[0], Path(where[1])))
+
+
+def _index_file() -> Path:
+    return cache_dir() / "methods-index.json"
+
+
+def _discovery_inputs() -> str:
+    """Digest of what discover() registers from: the files of the methods package, this module's code
+    and the interpreter (its environment decides which optional imports succeed)."""
+    import methods
+    files = [Path(__file__), *sorted(p for d in methods.__path__ for p in Path(d).rglob("*.py"))]
+    h = hashlib.sha256(f"{sys.prefix}\0{sys.version}".encode())
+    for path in files:
+        h.update(f"\0{path}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _indexed_modules(inputs: str) -> dict[str, list[str]]:
+    """Method name -> [module, file], from an index written from these inputs; else empty."""
+    try:
+        index = json.loads(_index_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return index.get("methods", {}) if index.get("inputs") == inputs else {}
+
+
+def _write_index(inputs: str) -> None:
+    """The methods package's registrations, from a discovery of `inputs` (digested before it ran, so a
+    file changed meanwhile makes the index stale, never wrong). Written whole or not at all."""
+    methods = {name: [info.module, str(info.source_file)] for name, info in _REGISTRY.items()
+               if info.module.startswith("methods.")}
+    path = _index_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"inputs": inputs, "methods": methods}))
+    os.replace(partial, path)

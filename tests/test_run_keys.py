@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -54,7 +56,8 @@ def more_methods(tmp_path, monkeypatch):
 
 
 @pytest.fixture()
-def suite(write_yaml) -> SuiteSpec:
+def suite(write_yaml, tmp_path, monkeypatch) -> SuiteSpec:
+    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))  # planning may write the methods' index there
     return load_suite(write_yaml("tiny-small.yaml", small_suite_spec()))
 
 
@@ -185,6 +188,42 @@ def test_a_broken_method_module_leaves_the_others_plannable(more_methods, suite)
     assert "ImportError: no such library" in registry.import_failures()["methods.keys_broken"]
     with pytest.raises(FbhError, match="methods.keys_broken failed to import"):
         registry.get("keys_broken")
+
+
+IDENTITY_IN_A_FRESH_PROCESS = """
+import json, sys
+import methods
+methods.__path__ += sys.argv[2:]  # folders added to the methods package
+from harness import registry
+print(json.dumps({"identity": registry.code_identity(sys.argv[1]), "torch": "torch" in sys.modules}))
+"""
+
+
+def test_planning_takes_the_methods_modules_from_the_index_while_no_methods_file_changed(tmp_path):
+    """A fresh process asks a method's code identity as planning does: the first discovers every method
+    (importing torch) and writes the index; the next answers from it without importing anything; a file
+    added to or changed in the methods package makes the next process discover again."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FBH_CACHE": str(tmp_path / "cache")}
+
+    def identity(name: str, *folders: Path) -> dict:
+        proc = subprocess.run([sys.executable, "-c", IDENTITY_IN_A_FRESH_PROCESS, name, *map(str, folders)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    first, again = identity("weighted_average"), identity("weighted_average")
+    assert first["torch"] and not again["torch"]
+    assert first["identity"] == again["identity"] == registry.get("weighted_average").code_identity()
+
+    folder = tmp_path / "more_methods"
+    folder.mkdir()
+    (folder / "keys_new.py").write_text(method_module("keys_new"))
+    assert identity("keys_new", folder)["torch"]  # a new file: discovered
+    indexed = identity("keys_new", folder)
+    assert not indexed["torch"]
+    edit(folder / "keys_new.py", "return dict(ctx.base)", "return {k: v for k, v in ctx.base.items()}")
+    edited = identity("keys_new", folder)
+    assert edited["torch"] and edited["identity"] != indexed["identity"]
 
 
 # ----------------------------------------------------------------------------- harness code
