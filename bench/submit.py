@@ -25,7 +25,8 @@ can be checked to leave every value bit-identical (the digest must not move).
 
 With --cached the timed runs re-submit without force: every run is answered from the store,
 so the time is what an unchanged re-submit costs (imports, planning with the methods' code
-identities, the store); 'other' then holds planning, the methods' import included.
+identities, the store). The worker then imports and times only what `fbh submit` does; the
+methods (torch) are imported only if the methods' index is stale (harness.registry.code_identity).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def rows_digest(db: str, run_ids: list[str]) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- worker
 
 def worker(args) -> None:
-    from harness import evaluate, runner, store
+    from harness import runner, store
+    if not args.cached:  # an unchanged re-submit needs no harness.evaluate, hence no torch
+        from harness import evaluate
     stages: dict[str, float] = {"imports": time.perf_counter() - T_PROCESS}
 
     active: list[str] = []  # stages being timed, innermost last: each second counts for the innermost only
@@ -92,8 +95,9 @@ def worker(args) -> None:
     runner.open_suite = timed("load", runner.open_suite)
     runner.validate_submission = timed("validate", runner.validate_submission)
     runner.fuse = timed("fuse", runner.fuse)
-    evaluate.as_predictor = timed("build", evaluate.as_predictor)
-    evaluate.evaluate = timed("evaluate", evaluate.evaluate)
+    if not args.cached:
+        evaluate.as_predictor = timed("build", evaluate.as_predictor)
+        evaluate.evaluate = timed("evaluate", evaluate.evaluate)
     for name in ("__init__", "completed_keys", "write_run", "upsert_submission", "upsert_suite", "completed_run",
                  "query"):
         setattr(store.Store, name, timed("store", getattr(store.Store, name)))
