@@ -201,7 +201,7 @@ def _indexed_modules(inputs: str) -> dict[str, list[str]]:
         index = json.loads(_index_file().read_text())
     except (OSError, ValueError):
         return {}
-    return index.get("methods", {}) if index.get("inputs") == inputs else {}
+    return index["methods"] if isinstance(index, dict) and index.get("inputs") == inputs else {}
 
 
 def _write_index(inputs: str) -> None:
@@ -210,7 +210,10 @@ def _write_index(inputs: str) -> None:
     methods = {name: [info.module, str(info.source_file)] for name, info in _REGISTRY.items()
                if info.module.startswith("methods.")}
     path = _index_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps({"inputs": inputs, "methods": methods}))
-    os.replace(partial, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"inputs": inputs, "methods": methods}))
+        os.replace(partial, path)
+    except OSError:  # a read-only cache only costs the next plan a discovery
+        partial.unlink(missing_ok=True)
