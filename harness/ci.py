@@ -3,8 +3,10 @@
 The diff `git diff BASE...HEAD` of the checkout fbh runs from (harness.paths.REPO_ROOT,
 whose methods/ is what the registry imports) decides what is affected:
   * a changed submissions/*.yaml is validated and run;
-  * a changed methods/*.py is imported, and every submission using a method it defines runs;
-  * a change under harness/ re-keys every result, so every submission runs;
+  * a changed methods/*.py is imported, and every submission using a method whose code it is
+    runs: the method's own module, or a module of methods/ that one imports (methods/_common.py);
+  * a change to a harness module that shapes results (harness.planner.RESULT_SHAPING_MODULES)
+    re-keys every result, so every submission runs;
   * a changed suites/*.yaml is validated.
 Tiers pick the suites: `cpu` runs every suite whose zoo fbh builds offline (tiny-vision),
 `gpu` runs each submission's suites (else all) among those whose models are available.
@@ -81,6 +83,27 @@ def _rel(path: Path) -> str:
     return path.resolve().relative_to(REPO_ROOT).as_posix()
 
 
+def _in_repo(path: Path) -> str | None:
+    """The path relative to the checkout, or None for code outside it."""
+    return _rel(path) if path.resolve().is_relative_to(REPO_ROOT) else None
+
+
+def changed_methods(changed: set[str]) -> dict[str, list[str]]:
+    """Method name -> the changed files among its code (its module and the methods/ modules it imports)."""
+    from harness.registry import discover
+    out = {}
+    for name, info in discover().items():
+        touched = sorted(rel for rel in map(_in_repo, info.code_files().values()) if rel in changed)
+        if touched:
+            out[name] = touched
+    return out
+
+
+def result_shaping_changed(changed: set[str]) -> bool:
+    from harness.planner import HARNESS_DIR, RESULT_SHAPING_MODULES
+    return any(_in_repo(HARNESS_DIR / rel) in changed for rel in RESULT_SHAPING_MODULES)
+
+
 def check_method_files(changed: list[str]) -> list[tuple[str, str, str | None]]:
     """Import each changed method module, so a broken one fails CI with its own error."""
     checks = []
@@ -108,11 +131,10 @@ def check_spec_files(files: list[Path]) -> list[tuple[str, str, str | None]]:
 
 def affected_submissions(changed: list[str]) -> dict[Path, str]:
     """Submission file -> why it runs."""
-    from harness.planner import method_files
     from harness.spec import load_submission
     changed_set = set(changed)
-    methods_changed = {name for name, path in method_files().items() if _rel(path) in changed_set}
-    harness_changed = any(f.startswith("harness/") for f in changed)
+    methods_changed = changed_methods(changed_set)
+    harness_changed = result_shaping_changed(changed_set)
     out: dict[Path, str] = {}
     for path in sorted((REPO_ROOT / "submissions").glob("*.y*ml")):
         if _rel(path) in changed_set:
@@ -123,9 +145,9 @@ def affected_submissions(changed: list[str]) -> dict[Path, str]:
         except FbhError:
             continue  # an unchanged broken file is not this change's business
         if method in methods_changed:
-            out[path] = f"method `{method}` changed"
+            out[path] = f"method `{method}` changed ({', '.join(f'`{f}`' for f in methods_changed[method])})"
         elif harness_changed:
-            out[path] = "harness changed"
+            out[path] = "harness code that shapes results changed"
     return out
 
 
@@ -147,7 +169,7 @@ def tier_suites(tier: str) -> list[str]:
 # ----------------------------------------------------------------------------- run
 
 def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print, executor=None) -> CiResult:
-    from harness.planner import method_files
+    from harness.registry import discover
     from harness.runner import local_executor, submit
     from harness.spec import load_submission
     from harness.validate import check_name_owned, validate_file
@@ -186,7 +208,9 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
                                          executor=executor or local_executor).outcomes
         except FbhError as exc:
             sub_result.error = exc.render()
-    unused = sorted(name for name, p in method_files().items() if _rel(p) in changed and name not in used)
+    # A method whose own module changed and that no submission runs; helpers' users are not listed.
+    unused = sorted(name for name, info in discover().items()
+                    if _in_repo(info.source_file) in changed and name not in used)
     result.notes += [f"method `{name}` changed but no submission uses it: add a submissions/*.yaml with "
                      f"`method: {name}` to evaluate it" for name in unused]
     return result

@@ -100,7 +100,8 @@ def submit(submission, suites, db, device, force, quiet, executor, address, jobs
 @click.option("--suite", required=True, help="suite name")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--setting", default="all", show_default=True, help="'all' or a generalization split name")
-@click.option("--condition", default="clean", show_default=True, help="'clean' or a corruption name")
+@click.option("--condition", default="clean", show_default=True,
+              help="'clean', a corruption name, or name@severity (jpeg@5) for one listed at several severities")
 @click.option("--fingerprint", default=None, help="rank the runs on this fingerprint [default: what the suite's "
               "latest submit computed on]")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
@@ -205,10 +206,12 @@ def methods():
 @methods.command("list")
 def methods_list():
     """List registered methods with their category, data access and output."""
-    from harness.registry import discover
+    from harness.registry import discover, import_failures
     for name, info in discover().items():
         params = ", ".join(f"{k}={f.default!r}" for k, f in info.params.model_fields.items())
         click.echo(f"{name:24s} {info.category:9s} data={info.data:18s} output={info.output:9s} {params}")
+    for module, why in import_failures().items():
+        click.echo(f"{module} failed to import: {why}", err=True)
 
 
 @main.command()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from harness.errors import FbhError
 from harness.spec import higher_is_better
 from harness.store import Store
 
@@ -77,6 +79,45 @@ def task_metrics(store: Store, suite: str) -> dict[str, str]:
     return {t["name"]: t.get("metric", "accuracy") for t in tasks}
 
 
+def condition_labels(corruptions: list[dict]) -> dict[str, tuple[str, int | None]]:
+    """Label -> (corruption, severity) of a suite spec's corruptions, in its order. A corruption listed at
+    one severity is labelled by its name ('jpeg'); one listed at several, by name@severity ('jpeg@1')."""
+    pairs = list(dict.fromkeys((c["name"], c.get("severity")) for c in corruptions))
+    times = Counter(name for name, _ in pairs)
+    return {(name if times[name] == 1 else f"{name}@{severity}"): (name, severity) for name, severity in pairs}
+
+
+def condition_label(row: dict, labels: dict[str, tuple[str, int | None]]) -> str | None:
+    """The label of a result row's (condition, severity) among `labels`, if any. A severity the spec
+    leaves out (None) matches any."""
+    return next((label for label, (name, severity) in labels.items()
+                 if row["condition"] == name and severity in (None, row["severity"])), None)
+
+
+def resolve_condition(store: Store, suite: str, condition: str) -> tuple[str, int | None]:
+    """(condition, severity) of 'clean', a label of condition_labels, or name@severity; a corruption's
+    plain name where the suite lists it at several severities is ambiguous."""
+    return ("clean", None) if condition == "clean" else _resolve(condition, suite_conditions(store, suite), suite)
+
+
+def suite_conditions(store: Store, suite: str) -> dict[str, tuple[str, int | None]]:
+    rows = store.query("SELECT spec FROM suites WHERE name = ?", [suite])
+    return condition_labels(json.loads(rows[0]["spec"]).get("corruptions") or []) if rows else {}
+
+
+def _resolve(condition: str, labels: dict[str, tuple[str, int | None]], suite: str) -> tuple[str, int | None]:
+    if condition in labels:
+        return labels[condition]
+    name, at, severity = condition.partition("@")
+    if at and severity.isdigit():
+        return name, int(severity)
+    choices = [label for label, (n, _) in labels.items() if n == condition]
+    if choices:
+        raise FbhError(f"corruption '{condition}' is listed at several severities in suite '{suite}'",
+                       field="--condition", fix=f"name one: {', '.join(choices)}")
+    return condition, None
+
+
 def relative_to_stl(metric: str, value: float | None, stl: float | None) -> float | None:
     """Score as % of the STL expert's: value / STL for scores, STL / value for errors (lower is better),
     so 100 means 'as good as the expert' and more is better either way; None where undefined (no
@@ -94,13 +135,15 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
     task's metric points the same way (all scores, or all errors); otherwise it is None."""
     tasks = suite_tasks(store, suite)
     primary = task_metrics(store, suite)
+    condition, severity = resolve_condition(store, suite, condition)
     fingerprint = fingerprint or suite_fingerprint(store, suite)
     runs = store.query(LATEST_RUNS, [suite, setting, fingerprint])
     if setting != "all":  # references do not depend on the split; take them from 'all'
         runs += [r for r in store.query(LATEST_RUNS, [suite, "all", fingerprint]) if r["kind"] == "reference"]
     results = store.query(
-        "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? AND run_id IN "
-        "(SELECT unnest(?::VARCHAR[]))", [condition, [r["run_id"] for r in runs]])
+        "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? "
+        "AND (?::INTEGER IS NULL OR severity = ?) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
+        [condition, severity, severity, [r["run_id"] for r in runs]])
     by_run: dict[str, dict[str, float]] = {}
     extras: dict[str, dict[str, dict[str, float]]] = {}
     for r in results:
@@ -169,18 +212,23 @@ def _fmt(v):
 
 def robustness(store: Store, suite: str, conditions: list[str]) -> tuple[list[str], list[Entry]]:
     """The clean table's entries, each with extra['conditions'] = {condition: mean over the same tasks}
-    under every corruption, and extra['corrupted_mean'] (FusionBench's robustness table, summarized)."""
+    under every corruption, and extra['corrupted_mean'] (FusionBench's robustness table, summarized).
+    `conditions` are labels (see resolve_condition): 'jpeg', or 'jpeg@1' and 'jpeg@5' for two severities."""
     tasks, entries = table(store, suite)
-    rows = store.query("SELECT run_id, condition, task, metric, value FROM results WHERE condition IN "
+    known = suite_conditions(store, suite) if conditions else {}
+    labels = {c: _resolve(c, known, suite) for c in conditions}
+    rows = store.query("SELECT run_id, condition, severity, task, metric, value FROM results WHERE condition IN "
                        "(SELECT unnest(?::VARCHAR[])) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
-                       [conditions, [e.run_id for e in entries]]) if conditions and entries else []
+                       [[name for name, _ in labels.values()], [e.run_id for e in entries]]) \
+        if conditions and entries else []
     primary = task_metrics(store, suite)
     # A mean over tasks is only meaningful when every task's primary metric points the same way.
     comparable = len({higher_is_better(primary.get(t, "accuracy")) for t in tasks}) == 1
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
-        if r["metric"] == primary.get(r["task"], r["metric"]):
-            scores.setdefault((r["run_id"], r["condition"]), {})[r["task"]] = r["value"]
+        label = condition_label(r, labels)
+        if label is not None and r["metric"] == primary.get(r["task"], r["metric"]):
+            scores.setdefault((r["run_id"], label), {})[r["task"]] = r["value"]
     for e in entries:
         by = {c: scores.get((e.run_id, c), {}) for c in conditions}
         e.extra["conditions"] = {c: _mean([by[c].get(t) for t in e.scores]) if by[c] and comparable else None

@@ -2,87 +2,66 @@
 
 A job is one (suite, setting, submission-or-reference) pair, or one grid point of a
 submission's setting. Its key hashes everything its result depends on: the submission
-(name, method, params, grid, seed; a grid point's own params instead of the grid), the method's
-source file, the suite's fingerprint (its result-shaping spec and the content identity of every
-model and data input, harness.identity), and the harness's evaluation code. Planning reads only YAML and source bytes (no torch import), so an
-unchanged re-submit is answered from the store in about a second.
+(name, method, params, grid, seed; a grid point's own params instead of the grid), the
+method's code (from the registry: its module and the modules of methods/ it imports), the
+setting (its kind, name and tasks), the suite's fingerprint (its result-shaping spec and the
+content identity of every model and data input, harness.identity), and the harness modules that
+shape results. Code is hashed by its syntax, so a comment or a docstring re-keys nothing.
+The registry is what says which code a method is (harness.registry.code_identity: a process
+that has not imported the methods reads the index of their modules its last discovery wrote,
+while no file of methods/ has changed, so planning an unchanged re-submit imports no torch).
+Planning loads no model, so an unchanged re-submit is answered from the store at once.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
 import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness import __version__
+from harness import __version__, registry
+from harness.code_identity import code_digest
 from harness.errors import FbhError
-from harness.paths import REPO_ROOT, suites_dir
+from harness.paths import suites_dir
 from harness.spec import SubmissionSpec, SuiteSpec, load_suite
 
 REFERENCE_LABELS = {"pretrained": "pretrained", "stl": "STL", "mtl": "MTL"}
-# Harness modules that only present, store or schedule results; every other harness source
-# shapes results, so a change to it re-keys every run.
-PRESENTATION_ONLY = {"cli.py", "site.py", "leaderboard.py", "store.py", "ci.py", "executors.py", "validate.py",
-                     "suites.py", "planner.py", "errors.py", "paths.py", "locks.py", "provenance.py"}
+HARNESS_DIR = Path(__file__).parent
+# The harness modules a run's numbers depend on (relative to harness/), hashed into every run key.
+# The others present results (site, leaderboard, cli, ci), store or schedule them (store,
+# executors, locks, provenance), check input (validate, suites), write suite files
+# (families/catalog.py), or build the keys themselves (planner, code_identity: the settings,
+# tasks and params they decide are key data). The zoo is keyed by its own entry.
+RESULT_SHAPING_MODULES = (
+    "api.py",                       # what a method is handed: FusionContext, its data batches, Ensemble
+    "corruptions.py",               # the corrupted test sets
+    "evaluate.py",                  # predicting, combining ensembles, metrics and their intervals
+    "families/__init__.py",         # which adapter a suite's family kind loads
+    "families/clip_vision.py",      # the model families: loading, running and scoring models
+    "families/common.py",
+    "families/flan_t5.py",
+    "families/gpt2_classification.py",
+    "families/open_clip_vision.py",
+    "families/resnet_nyuv2.py",
+    "moe.py",                       # upscaled modules of the mixing methods
+    "pool.py",                      # reading checkpoints' tensors
+    "registry.py",                  # a method's params as validated, and how many examples it may read
+    "runner.py",                    # seeds, the data and corruptions each run sees, grid-point selection
+    "sources.py",                   # which files a suite's model and data references load
+    "spec.py",                      # which metrics are errors (lower is better), as grid selection reads them
+    "tensors.py",                   # the state-dict arithmetic of merging
+)
 
 
 def content_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-@functools.lru_cache(maxsize=None)
 def harness_code_hash() -> str:
-    h = hashlib.sha256(__version__.encode())
-    here = Path(__file__).parent
-    for f in sorted(here.rglob("*.py")):
-        if f.name not in PRESENTATION_ONLY or f.parent != here:
-            h.update(str(f.relative_to(here)).encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def method_files() -> dict[str, Path]:
-    """Method name -> source file, read from the @method("name", ...) decorators without importing.
-    Parsed again only when a file in methods/ changes (planning asks once per suite)."""
-    files = sorted(p for p in (REPO_ROOT / "methods").glob("*.py") if not p.name.startswith("_"))
-    return _method_files(tuple((p, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
-
-
-@functools.lru_cache(maxsize=4)
-def _method_files(files: tuple[tuple[Path, int, int], ...]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
-    for path, _, _ in files:
-        for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "method" and node.args \
-                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                out[node.args[0].value] = path
-    return out
-
-
-def method_code_hash(name: str) -> str | None:
-    """Hash of the method's file and of every methods/ module it imports (shared helpers)."""
-    path = method_files().get(name)
-    if path is None:
-        return None
-    h = hashlib.sha256()
-    for f in _method_sources(path, set()):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _method_sources(path: Path, seen: set[Path]) -> list[Path]:
-    if path in seen or not path.is_file():
-        return []
-    seen.add(path)
-    out = [path]
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("methods."):
-            out += _method_sources(REPO_ROOT / "methods" / (node.module.split(".", 1)[1] + ".py"), seen)
-    return sorted(out)
+    """Digest of the result-shaping harness modules' syntax (and the harness version)."""
+    return code_digest({rel: HARNESS_DIR / rel for rel in RESULT_SHAPING_MODULES}, salt=__version__)
 
 
 # ----------------------------------------------------------------------------- suites
@@ -124,13 +103,24 @@ def default_suites() -> list[str]:
     return [name for name in suite_files() if find_suite(name)[0].default]
 
 
-def settings(suite: SuiteSpec) -> list[tuple[str, list[str], list[str]]]:
-    """(setting name, seen tasks, unseen tasks): all tasks, then each generalization split."""
-    return [("all", suite.task_names, [])] + [(g.name, list(g.seen), list(g.unseen)) for g in suite.generalization]
+@dataclass(frozen=True)
+class Setting:
+    """What a submission is fused from and scored on: every task ('all'), or a generalization split."""
+    kind: str                 # 'all' | 'generalization'
+    name: str
+    seen: tuple[str, ...]
+    unseen: tuple[str, ...]
+
+    def key(self) -> dict:
+        """The setting's part of a run key: its kind beside its name, so a split can never be the
+        'all' setting, and its tasks, which decide what is fused and scored."""
+        return {"kind": self.kind, "name": self.name, "seen": list(self.seen), "unseen": list(self.unseen)}
 
 
-def suite_spec_hash(suite: SuiteSpec) -> str:
-    return content_hash(suite.model_dump(mode="json"))
+def settings(suite: SuiteSpec) -> list[Setting]:
+    """All tasks, then each generalization split."""
+    return [Setting("all", "all", tuple(suite.task_names), ())] + [
+        Setting("generalization", g.name, tuple(g.seen), tuple(g.unseen)) for g in suite.generalization]
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -197,7 +187,7 @@ class SuiteInputs:
 
 
 def reference_jobs(suite: SuiteSpec, on: SuiteInputs) -> list[Job]:
-    base = {"fingerprint": on.fingerprint, "code": harness_code_hash()}
+    base = {"fingerprint": on.fingerprint, "harness": harness_code_hash()}
     return [Job(key=content_hash({"reference": REFERENCE_LABELS[ref], **base}), kind="reference",
                 suite=suite.name, setting="all", label=REFERENCE_LABELS[ref], seen=tuple(suite.task_names),
                 unseen=(), fingerprint=on.fingerprint, inputs=on.inputs, reference=ref)
@@ -205,30 +195,28 @@ def reference_jobs(suite: SuiteSpec, on: SuiteInputs) -> list[Job]:
 
 
 def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None) -> dict:
-    code = method_code_hash(sub.method)
-    if code is None:
-        from harness import registry
-        registry.get(sub.method, file=file)  # raises the clear unknown-method error
     return {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
-            "method_code": code, "fingerprint": on.fingerprint, "harness": harness_code_hash()}
+            "method_code": registry.code_identity(sub.method, file), "fingerprint": on.fingerprint,
+            "harness": harness_code_hash()}
 
 
-def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None = None) -> list[Job]:
+def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs,
+                    file: str | None = None) -> list[tuple[Setting, Job]]:
     """One job per setting: the submission's leaderboard run (for a grid, the selected point's)."""
     base = _submission_base(sub, suite, on, file)
-    return [Job(key=content_hash({**base, "setting": name}), kind="submission", suite=suite.name, setting=name,
-                label=sub.name, seen=tuple(seen), unseen=tuple(unseen), fingerprint=on.fingerprint, inputs=on.inputs,
-                submission=sub.model_dump(mode="json"))
-            for name, seen, unseen in settings(suite)]
+    return [(s, Job(key=content_hash({**base, "setting": s.key()}), kind="submission", suite=suite.name,
+                    setting=s.name, label=sub.name, seen=s.seen, unseen=s.unseen, fingerprint=on.fingerprint,
+                    inputs=on.inputs, submission=sub.model_dump(mode="json")))
+            for s in settings(suite)]
 
 
-def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, selected: Job,
+def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, setting: Setting, selected: Job,
                file: str | None = None) -> tuple[Job, ...]:
     """The grid points of one setting. A point's key leaves out the rest of the grid, so
     widening a grid reuses the points already stored."""
-    base = {**_submission_base(sub, suite, on, file), "grid": {}, "setting": selected.setting, "grid_point": True}
+    base = {**_submission_base(sub, suite, on, file), "grid": {}, "setting": setting.key(), "grid_point": True}
     return tuple(Job(key=content_hash({**base, "params": point}), kind="grid_point", suite=suite.name,
-                     setting=selected.setting, label=point_label(sub, point), seen=selected.seen, unseen=(),
+                     setting=setting.name, label=point_label(sub, point), seen=setting.seen, unseen=(),
                      fingerprint=on.fingerprint, inputs=on.inputs, submission=selected.submission, params=point)
                  for point in grid_points(sub))
 
@@ -252,13 +240,13 @@ def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]]
         if sub is None:
             continue
         check_grid_data(sub, suite)
-        for job in submission_jobs(sub, suite, on, file):
+        for setting, job in submission_jobs(sub, suite, on, file):
             if job.key in done_keys and not force:
                 out.cached.append(job)
             elif not sub.grid:
                 out.todo.append(job)
             else:
-                points = point_jobs(sub, suite, on, job, file)
+                points = point_jobs(sub, suite, on, setting, job, file)
                 for p in points:
                     (out.cached if p.key in done_keys and not force else out.todo).append(p)
                 out.searches.append(GridSearch(job, points))

@@ -9,14 +9,19 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import json
+import os
 import pkgutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from harness.code_identity import code_digest, module_closure
 from harness.errors import FbhError
+from harness.paths import cache_dir
 
 Category = Literal["ensemble", "merging", "mixing"]
 # What the harness hands the method beyond the models themselves.
@@ -45,6 +50,7 @@ class MethodInfo:
     trains: bool
     stochastic: bool
     source_file: Path
+    module: str               # the module the @method decorator ran in, e.g. 'methods.ties_merging'
     summary: str
     reference: str
     # Name of the Params field that holds how many examples per task the method reads;
@@ -75,8 +81,15 @@ class MethodInfo:
             raise FbhError(msg, file=file, field=f"{prefix}.{key}",
                            fix=f"method '{self.name}' accepts: {allowed or 'no hyperparameters'}") from None
 
-    def code_hash(self) -> str:
-        return hashlib.sha256(self.source_file.read_bytes()).hexdigest()[:16]
+    def code_files(self) -> dict[str, Path]:
+        """Module name -> file of the code this method runs beyond the harness: its module and every
+        module of its package it imports (methods/_common.py, ...), transitively."""
+        return module_closure(self.module, self.source_file)
+
+    def code_identity(self) -> str:
+        """Digest of that code's syntax (comments, layout and docstrings do not count): what a run key
+        holds of the method, so an edit to it, or to a helper it imports, re-keys its runs only."""
+        return code_digest(self.code_files())
 
 
 def _type_name(annotation: Any) -> str:
@@ -85,6 +98,7 @@ def _type_name(annotation: Any) -> str:
 
 _REGISTRY: dict[str, MethodInfo] = {}
 _discovered = False
+_BROKEN: dict[str, str] = {}  # methods module -> why importing it failed
 
 
 def method(name: str, *, params: type[Params] = NoParams, category: Category, data: DataAccess = "none",
@@ -112,7 +126,7 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, params=params, category=category, data=data, output=output,
             trains=trains, stochastic=stochastic, source_file=Path(module.__file__).resolve(),
-            summary=lines[0] if lines else name, reference=ref, samples=samples)
+            module=module.__name__, summary=lines[0] if lines else name, reference=ref, samples=samples)
         return fn
     return wrap
 
@@ -123,15 +137,83 @@ def discover() -> dict[str, MethodInfo]:
         import methods
         for info in pkgutil.iter_modules(methods.__path__):
             if not info.name.startswith("_"):
-                importlib.import_module(f"methods.{info.name}")
+                try:
+                    importlib.import_module(f"methods.{info.name}")
+                except Exception as exc:  # planning imports every method: one broken file must not stop the rest
+                    _BROKEN[f"methods.{info.name}"] = f"{type(exc).__name__}: {exc}"
         _discovered = True
     return dict(sorted(_REGISTRY.items()))
+
+
+def import_failures() -> dict[str, str]:
+    """Methods modules that failed to import (module -> error), after discover()."""
+    return dict(_BROKEN)
 
 
 def get(name: str, file: str | None = None) -> MethodInfo:
     registry = discover()
     if name not in registry:
         close = [n for n in registry if n.startswith(name[:3])] or list(registry)
-        raise FbhError(f"unknown method '{name}'", file=file, field="method",
-                       fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)")
+        broken = "".join(f"; {module} failed to import ({why:.300})" for module, why in sorted(_BROKEN.items()))
+        raise FbhError(f"unknown method '{name}'{broken}", file=file, field="method",
+                       fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)"
+                           + (", or fix the module that failed to import" if broken else ""))
     return registry[name]
+
+
+# ----------------------------------------------------------------------------- planning without importing
+
+def code_identity(name: str, file: str | None = None) -> str:
+    """MethodInfo.code_identity of method `name`, as planning asks for it. Importing the methods means
+    importing torch, most of what an unchanged re-submit costs; so a process that has not imported
+    them takes the method's module from the index its last discovery wrote, while nothing that
+    discovery read has changed (every file on the methods package's path, this module, the
+    interpreter). The digest is always of the files as they are now."""
+    if _discovered or name in _REGISTRY:
+        return get(name, file).code_identity()
+    inputs = _discovery_inputs()
+    where = _indexed_modules(inputs).get(name)
+    if where is None:
+        info = get(name, file)  # discovers every method, or raises the unknown-method error
+        _write_index(inputs)
+        return info.code_identity()
+    return code_digest(module_closure(where[0], Path(where[1])))
+
+
+def _index_file() -> Path:
+    return cache_dir() / "methods-index.json"
+
+
+def _discovery_inputs() -> str:
+    """Digest of what discover() registers from: the files of the methods package, this module's code
+    and the interpreter (its environment decides which optional imports succeed)."""
+    import methods
+    files = [Path(__file__), *sorted(p for d in methods.__path__ for p in Path(d).rglob("*.py"))]
+    h = hashlib.sha256(f"{sys.prefix}\0{sys.version}".encode())
+    for path in files:
+        h.update(f"\0{path}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _indexed_modules(inputs: str) -> dict[str, list[str]]:
+    """Method name -> [module, file], from an index written from these inputs; else empty."""
+    try:
+        index = json.loads(_index_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return index["methods"] if isinstance(index, dict) and index.get("inputs") == inputs else {}
+
+
+def _write_index(inputs: str) -> None:
+    """The methods package's registrations, from a discovery of `inputs` (digested before it ran, so a
+    file changed meanwhile makes the index stale, never wrong). Written whole or not at all."""
+    methods = {name: [info.module, str(info.source_file)] for name, info in _REGISTRY.items()
+               if info.module.startswith("methods.")}
+    path = _index_file()
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"inputs": inputs, "methods": methods}))
+        os.replace(partial, path)
+    except OSError:  # a read-only cache only costs the next plan a discovery
+        partial.unlink(missing_ok=True)

@@ -25,7 +25,8 @@ import jinja2
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import Entry, extra_columns, generalization, other_fingerprints, relative_to_stl, robustness
+from harness.leaderboard import (Entry, condition_label, condition_labels, extra_columns, generalization,
+                                 other_fingerprints, relative_to_stl, robustness)
 from harness.paths import REPO_ROOT
 from harness.spec import higher_is_better
 from harness.store import Store
@@ -220,7 +221,7 @@ def _rows_by(store: Store, sql: str, ids: list[str], key: str) -> dict[str, list
 
 def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePages:
     spec = json.loads(row["spec"])
-    conditions = [c for c in dict.fromkeys(c["name"] for c in spec.get("corruptions") or [])]
+    conditions = list(condition_labels(spec.get("corruptions") or []))  # 'jpeg', or 'jpeg@1', 'jpeg@5'
     tasks, ranked = robustness(store, row["name"], conditions)
     entries = [e for e in ranked if e.status == "ok"]
     splits = spec.get("generalization") or []
@@ -360,9 +361,12 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
     run = s.runs[e.run_id]
     rows = s.results.get(e.run_id, [])
     clean = sorted((r for r in rows if r["condition"] == "clean"), key=s.result_order)
-    # A task may have several metrics (one row each): the robustness table looks up the clean row's own.
-    by_task_metric_condition = {(r["task"], r["metric"], r["condition"]): r["value"] for r in rows}
-    conditions = [c for c in s.conditions if any(r["condition"] == c for r in rows)]
+    # A task may have several metrics (one row each): the robustness table looks up the clean row's own,
+    # under each condition's label (a corruption at two severities is two conditions).
+    labels = condition_labels(s.spec.get("corruptions") or [])
+    by_task_metric_condition = {(r["task"], r["metric"], label): r["value"] for r in rows
+                                if (label := condition_label(r, labels)) is not None}
+    conditions = [c for c in s.conditions if any(key[2] == c for key in by_task_metric_condition)]
     params = json.loads(run["params"]) if run.get("params") else {}
     grid = json.loads(run["grid"]) if run.get("grid") else []
     settings = []

@@ -286,7 +286,39 @@ def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
 def load_suite(path: Path) -> SuiteSpec:
     suite = parse(SuiteSpec, read_yaml(path), str(path), "suite")
     check_refs_stay_inside(suite, Path(path))
+    check_settings_are_distinct(suite, Path(path))
+    check_conditions_are_distinct(suite, Path(path))
     return suite
+
+
+def check_settings_are_distinct(suite: SuiteSpec, path: Path) -> None:
+    """Every setting is stored and shown under its name, so a split may not be called 'all' (the setting
+    of every task) nor share its name with another split."""
+    first: dict[str, int] = {}
+    for i, split in enumerate(suite.generalization):
+        field = f"generalization[{i}].name"
+        if split.name == "all":
+            raise FbhError("a generalization split may not be named 'all': that is the setting fusing every task",
+                           file=str(path), field=field, fix="rename the split, e.g. after its unseen tasks")
+        if split.name in first:
+            raise FbhError(f"generalization split '{split.name}' is named twice (also generalization"
+                           f"[{first[split.name]}])", file=str(path), field=field,
+                           fix="give each split its own name, or remove the repeated one")
+        first[split.name] = i
+
+
+def check_conditions_are_distinct(suite: SuiteSpec, path: Path) -> None:
+    """A corruption may be listed at several severities, each once: results are told apart by
+    (corruption, severity), so a repeated pair would score the same condition twice."""
+    first: dict[tuple[str, int], int] = {}
+    for i, c in enumerate(suite.corruptions):
+        pair = (c.name, c.severity)
+        if pair in first:
+            raise FbhError(f"{c.name} at severity {c.severity} is listed twice (also corruptions[{first[pair]}])",
+                           file=str(path), field=f"corruptions[{i}]",
+                           fix="remove the repeat; to corrupt more tasks, add them to the first entry's tasks "
+                               "(or drop its tasks to corrupt all)")
+        first[pair] = i
 
 
 def suite_refs(suite: SuiteSpec) -> list[tuple[str, str]]:

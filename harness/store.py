@@ -75,7 +75,6 @@ CREATE TABLE IF NOT EXISTS runs (
     peak_memory_bytes BIGINT,
     fingerprint VARCHAR,              -- the suite fingerprint the run was computed on
     inputs JSON,                      -- reference -> content identity (zoo digest, hub commit, file digest)
-    suite_spec_hash VARCHAR,
     job JSON,                         -- the planned job, so `fbh reproduce` can run it again
     superseded BOOLEAN DEFAULT false  -- a later run of the same entry replaced it on the leaderboard
 );
@@ -98,8 +97,8 @@ CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
 RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "setting", "method", "status",
                "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
-               "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "suite_spec_hash",
-               "job", "superseded"]
+               "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "job",
+               "superseded"]
 RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high"]
 JSON_COLUMNS = {"params", "grid", "packages", "inputs", "job"}
 # Columns each schema version added, so an older database is brought up to date in place.
@@ -108,7 +107,6 @@ MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE suites ADD COLUMN inputs JSON",
                   "ALTER TABLE runs ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN inputs JSON",
-                  "ALTER TABLE runs ADD COLUMN suite_spec_hash VARCHAR",
                   "ALTER TABLE runs ADD COLUMN job JSON",
                   "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"]}
 
@@ -147,7 +145,6 @@ class Run:
     peak_memory_bytes: int | None = None
     fingerprint: str | None = None
     inputs: dict | None = None
-    suite_spec_hash: str | None = None
     job: dict | None = None
     superseded: bool = False
     run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")

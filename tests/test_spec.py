@@ -59,6 +59,27 @@ def test_suite_consistency_errors(write_yaml):
         load_suite(write_yaml("e.yaml", spec))
 
 
+@pytest.mark.parametrize("splits,field,words", [
+    ([{"name": "all", "seen": ["digits"], "unseen": ["shapes"]}], "generalization[0].name", "may not be named 'all'"),
+    ([{"name": "two", "seen": ["digits"], "unseen": ["shapes"]},
+      {"name": "two", "seen": ["shapes"], "unseen": ["digits"]}], "generalization[1].name", "named twice"),
+])
+def test_split_names_are_distinct_and_never_all(write_yaml, splits, field, words):
+    with pytest.raises(FbhError) as exc:
+        load_suite(write_yaml("g.yaml", {**small_suite_spec(), "generalization": splits}))
+    assert exc.value.field == field and words in exc.value.message and exc.value.fix and "g.yaml" in exc.value.file
+
+
+def test_a_corruption_may_repeat_at_another_severity_but_never_at_the_same(write_yaml):
+    jpeg = [{"name": "jpeg", "severity": 1}, {"name": "jpeg", "severity": 5}]
+    suite = load_suite(write_yaml("ok.yaml", {**small_suite_spec(), "corruptions": jpeg}))
+    assert [(c.name, c.severity) for c in suite.corruptions] == [("jpeg", 1), ("jpeg", 5)]
+    repeated = jpeg + [{"name": "jpeg", "severity": 1, "tasks": ["digits"]}]
+    with pytest.raises(FbhError) as exc:
+        load_suite(write_yaml("dup.yaml", {**small_suite_spec(), "corruptions": repeated}))
+    assert exc.value.field == "corruptions[2]" and "corruptions[0]" in exc.value.message and "tasks" in exc.value.fix
+
+
 def test_bad_yaml_reports_line(write_yaml):
     with pytest.raises(FbhError) as exc:
         load_submission(write_yaml("x.yaml", "name: a\nmethod: [unclosed\n"))
