@@ -101,7 +101,7 @@ def _open_suite(name: str, device: str, progress: Progress, _suites: str, _cache
     import torch
     from harness.families import load_family
     spec, path = find_suite(name)
-    zoo_dir, on = suite_inputs(spec, path, progress)
+    zoo_dir, on = suite_inputs(spec, path, progress, announce=True)  # once per process: says so if not the pinned zoo
     return SuiteHandle(spec, path, zoo_dir, load_family(spec, path, zoo_dir, torch.device(device)), on)
 
 
@@ -468,7 +468,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     specs = available_suites(specs, report, sub.name, progress)
     from harness.validate import check_name_owned
     check_name_owned(sub.name, path)
-    suites_ = [(s, suite_inputs(s, f, progress, announce=True)[1]) for s, f in specs]  # builds, checks zoos first
+    suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
     check_name_owned(sub.name, path, store.submission_source(sub.name))
     done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))

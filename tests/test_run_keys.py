@@ -61,14 +61,21 @@ def suite(write_yaml, tmp_path, monkeypatch) -> SuiteSpec:
     return load_suite(write_yaml("tiny-small.yaml", small_suite_spec()))
 
 
+def inputs_of(suite: SuiteSpec) -> planner.SuiteInputs:
+    """The suite on a fixed (made-up) zoo digest: keys here depend on code, not on a build."""
+    from harness.identity import fingerprint
+    inputs = {"zoo": "sha256:" + "0" * 64}
+    return planner.SuiteInputs(fingerprint(suite, inputs), inputs)
+
+
 def submission_keys(suite: SuiteSpec, method: str) -> tuple[str, ...]:
     sub = SubmissionSpec(name=method.replace("_", "-"), method=method)
-    return tuple(job.key for _, job in planner.submission_jobs(sub, suite))
+    return tuple(job.key for _, job in planner.submission_jobs(sub, suite, inputs_of(suite)))
 
 
 def every_key(suite: SuiteSpec, methods: list[str]) -> dict[str, tuple[str, ...]]:
     """'references' and each method -> its run keys on the suite."""
-    return {"references": tuple(j.key for j in planner.reference_jobs(suite)),
+    return {"references": tuple(j.key for j in planner.reference_jobs(suite, inputs_of(suite))),
             **{m: submission_keys(suite, m) for m in methods}}
 
 
@@ -271,7 +278,7 @@ def test_the_setting_kind_is_in_the_key():
     could never take the 'all' setting's key."""
     split = {"name": "all", "seen": SMALL_TASKS[:2], "unseen": SMALL_TASKS[2:]}
     suite = SuiteSpec.model_validate({**small_suite_spec(), "generalization": [split]})
-    jobs = planner.submission_jobs(SubmissionSpec(name="avg", method="simple_average"), suite)
+    jobs = planner.submission_jobs(SubmissionSpec(name="avg", method="simple_average"), suite, inputs_of(suite))
     assert [(s.kind, s.name) for s, _ in jobs] == [("all", "all"), ("generalization", "all")]
     assert len({job.key for _, job in jobs}) == 2
 
