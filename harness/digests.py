@@ -22,6 +22,7 @@ from harness.errors import FbhError
 
 DIGEST_KEY = "fbh_sha256"  # safetensors metadata field holding the digest of the file's tensors
 _memo: dict[str, tuple[tuple, str]] = {}
+_verified: dict[str, tuple] = {}  # cache file -> the stat identity it had when this process verified it
 
 
 class CorruptFile(FbhError):
@@ -155,7 +156,11 @@ def load_verified(path: Path, *, what: str) -> tuple[dict, dict[str, str]]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CorruptFile(f"{what} cannot be read: {exc}", file=str(path), fix=fix) from None
     expected = metadata.pop(DIGEST_KEY, None)
+    key = _stat_key(Path(path))
+    if _verified.get(str(path)) == key and expected is not None:
+        return tensors, metadata  # verified in this process, and not written since (its ctime would move)
     if expected is None or tensors_digest(tensors) != expected:
         raise CorruptFile(f"{what} does not hold the tensors it was written with"
                           + (" (it carries no digest)" if expected is None else ""), file=str(path), fix=fix)
+    _verified[str(path)] = key
     return tensors, metadata
