@@ -33,6 +33,7 @@ from harness.provenance import PeakMemory, device_name, git_commit, package_vers
 from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
 from harness.store import Run, Store, now
 from harness.suites import require_available
+from harness.validate import check_name_owned
 
 Progress = Callable[[str], None]
 
@@ -43,7 +44,7 @@ def suite_inputs(spec: SuiteSpec, file: Path, progress: Progress = print,
                  announce: bool = False) -> tuple[Path | None, SuiteInputs]:
     """What the suite's runs would be computed on here: its zoo built (and every file of it checked
     against the digests written at build time) or its hub snapshots found, and the fingerprint.
-    announce: say when the zoo is not the one the suite file pins (once per submit)."""
+    announce: say when the zoo is not the one the suite file pins."""
     from harness.identity import fingerprint, resolve_inputs
     zoo_dir = None
     if spec.family.zoo is not None:
@@ -61,6 +62,7 @@ class SuiteHandle:
     zoo_dir: Path | None
     family: object
     on: SuiteInputs
+    reuse_outputs: bool = True  # False: every logit is computed afresh (fbh reproduce)
 
     @functools.cached_property
     def outputs_cache(self) -> Path:
@@ -71,8 +73,6 @@ class SuiteHandle:
         scope = content_hash({"fingerprint": self.on.fingerprint, "code": harness_code_hash(),
                               "device": str(self.family.device)})
         return cache_dir() / "outputs" / scope[:16]
-
-    reuse_outputs: bool = True  # False: every logit is computed afresh (fbh reproduce)
 
     @property
     def outputs(self) -> Path | None:
@@ -466,7 +466,6 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     specs = [find_suite(n) for n in names]  # every suite is validated before any work
     report = SubmitReport(sub.name)
     specs = available_suites(specs, report, sub.name, progress)
-    from harness.validate import check_name_owned
     check_name_owned(sub.name, path)
     suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
