@@ -32,7 +32,7 @@ Output = Literal["merged", "larger", "ensemble"]
 
 class Params(BaseModel):
     """Base class of every method's hyperparameter schema: typed, no unknown keys."""
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class NoParams(Params):

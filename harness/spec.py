@@ -20,7 +20,8 @@ NAME_FIX = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with 
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no silent coercion ('7' or `on` is not an integer); no inf/nan in any float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------- suites
@@ -219,6 +220,68 @@ class SubmissionSpec(Strict):
 # ----------------------------------------------------------------------------- loading
 
 MAX_SPEC_BYTES = 1_000_000
+MAX_DEPTH = 32
+MAX_NODES = 100_000  # values in the document once every alias is expanded
+# The only YAML types a spec holds: text, numbers, booleans, null, lists and mappings.
+PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
+class SpecLoader(yaml.SafeLoader):
+    """safe_load without what a spec never needs and an attacker uses: aliases that expand past
+    MAX_NODES values (a 1 KB alias bomb expands to gigabytes once validated), deep nesting (a
+    RecursionError), repeated keys (the last one silently wins), and tags beyond plain text,
+    numbers, lists and mappings (!!binary, !!timestamp, !!set, !!python/...)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(None, None, f"nesting deeper than {MAX_DEPTH} levels",
+                                                        self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):
+        if node.tag not in PLAIN_TAGS:
+            raise yaml.constructor.ConstructorError(None, None, f"the YAML tag {node.tag} is not allowed in specs; "
+                                                    "quote the value to make it text", node.start_mark)
+        return super().construct_object(node, deep)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def expanded_size(node, sizes: dict[int, int] | None = None) -> int:
+    """How many values a YAML node stands for with its aliases expanded (shared nodes counted each time)."""
+    sizes = {} if sizes is None else sizes
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that contains itself counts once, and construction then refuses it
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        sizes[id(node)] = 1 + sum(expanded_size(c, sizes) for c in children)
+    return sizes[id(node)]
+
+
+def load_spec_yaml(text: str):
+    loader = SpecLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and expanded_size(node) > MAX_NODES:
+            raise yaml.constructor.ConstructorError(None, None, f"the document expands to more than {MAX_NODES} "
+                                                    "values (YAML aliases repeat what they point to)", node.start_mark)
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -229,7 +292,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise FbhError(f"file is larger than {MAX_SPEC_BYTES} bytes", file=str(path),
                        fix="specs are small YAML files; keep data out of them")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_spec_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise FbhError("file is not UTF-8 text", file=str(path), fix="save it as UTF-8 YAML") from None
     except yaml.YAMLError as exc:

@@ -59,6 +59,21 @@ SUBMISSIONS = [
     ("unknown-suite", sub_with(suites=["no-such-suite"]), "suites"),
     ("ties-bad-enum", sub_with(method="ties_merging", params={"disjoint_merge": "median"}),
      "params.disjoint_merge"),
+    # YAML that safe_load accepts but a spec never needs: refused before it can cost memory or time.
+    ("yaml-alias-bomb", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(12)) + "name: x\nmethod: task_arithmetic\n", None),
+    ("yaml-deep-nesting", "name: x\nmethod: task_arithmetic\nparams: " + "[" * 5000 + "]" * 5000 + "\n", None),
+    ("yaml-duplicate-key", "name: ok-sub\nmethod: task_arithmetic\nmethod: ties_merging\n", None),
+    ("yaml-binary-tag", "name: ok-sub\nmethod: !!binary dGFza19hcml0aG1ldGlj\n", None),
+    ("yaml-timestamp", "name: ok-sub\nmethod: task_arithmetic\ndescription: 2024-01-01\n", None),
+    ("yaml-python-tag", "name: ok-sub\nmethod: !!python/name:os.system task_arithmetic\n", None),
+    ("seed-yaml-bool", "name: ok-sub\nmethod: task_arithmetic\nseed: on\n", "seed"),
+    ("seed-string", sub_with(seed="7"), "seed"),
+    ("params-inf", "name: ok-sub\nmethod: task_arithmetic\nparams: {scaling_factor: .inf}\n", "params.scaling_factor"),
+    ("params-nan", "name: ok-sub\nmethod: task_arithmetic\nparams: {scaling_factor: .nan}\n", "params.scaling_factor"),
+    ("grid-nan", "name: ok-sub\nmethod: task_arithmetic\ngrid: {scaling_factor: [0.3, .nan]}\n",
+     "params/grid.scaling_factor"),
 ]
 
 
@@ -103,6 +118,11 @@ SUITES = [
     ("suite-bad-metric", _set(["tasks", 0, "metric"], "vibes"), "tasks[0].metric"),
     ("suite-published-bad-tolerance", _set(["references", "published", 0, "tolerance"], -1),
      "references.published[0].tolerance"),
+    ("suite-published-nan", _set(["references", "published", 0, "values", "digits"], float("nan")),
+     "references.published[0].values.digits"),
+    ("suite-published-inf", _set(["references", "published", 0, "values", "digits"], float("inf")),
+     "references.published[0].values.digits"),
+    ("suite-severity-bool", _set(["corruptions", 0, "severity"], True), "corruptions[0].severity"),
 ]
 
 
