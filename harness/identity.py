@@ -86,12 +86,26 @@ def resolve_inputs(suite: SuiteSpec, file: Path, zoo_dir: Path | None) -> dict[s
     return dict(sorted(out.items()))
 
 
+MAX_INPUT_FILES = 10_000  # a model or dataset folder; more is a folder that is neither (e.g. /etc)
+
+
 def input_identity(resolved: str, suite: SuiteSpec, ref: str, repo_type: str, file: Path, field: str) -> str:
     path = Path(resolved)
-    if path.is_file():
-        return file_sha256(path)
-    if path.is_dir():
-        return manifest_digest(tree_manifest(path))
+    try:
+        if path.is_file():
+            return file_sha256(path)
+        if path.is_dir():
+            files = 0
+            for _ in path.rglob("*"):
+                files += 1
+                if files > MAX_INPUT_FILES:
+                    raise FbhError(f"'{ref}' is a folder of more than {MAX_INPUT_FILES} entries, not a model or "
+                                   "dataset folder", file=str(file), field=field,
+                                   fix="point it at a save_pretrained / save_to_disk folder")
+            return manifest_digest(tree_manifest(path))
+    except OSError as exc:
+        raise FbhError(f"cannot read '{ref}': {exc.strerror or exc}", file=str(file), field=field,
+                       fix="check the path and its permissions") from None
     return "hub:" + hub_commit(resolved, repo_type, revision_for(suite, ref, repo_type), file, field)
 
 

@@ -323,15 +323,10 @@ def store_suite(store: Store, spec: SuiteSpec, on: SuiteInputs, progress: Progre
 
 
 def store_published(store: Store, spec: SuiteSpec, file: Path) -> None:
-    tasks = set(spec.task_names)
     for row in spec.references.published:
         key = content_hash({"published": row.model_dump(mode="json"), "suite": spec.name})
         if store.completed_run(key):
             continue
-        unknown = sorted((set(row.values) | set(row.extra_values)) - tasks)
-        if unknown:
-            raise FbhError(f"published row '{row.label}' names unknown tasks {unknown}", file=str(file),
-                           field="references.published", fix="use the suite's task names")
         results = [{"task": t, "task_split": "seen", "condition": row.condition, "severity": None,
                     "metric": spec.task(t).metric, "value": v, "n": None, "ci_low": None, "ci_high": None}
                    for t, v in row.values.items()]
@@ -467,6 +462,9 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     report = SubmitReport(sub.name)
     specs = available_suites(specs, report, sub.name, progress)
     check_name_owned(sub.name, path)
+    remote = getattr(executor, "resolves_device", False)  # a remote executor decides on its workers' hardware
+    if device == "cuda" and not remote:
+        pick_device(device)  # no GPU here is a user error, said before anything is written
     suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
     check_name_owned(sub.name, path, store.submission_source(sub.name))
@@ -481,8 +479,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         store_published(store, spec, file)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in todo.cached]
     if todo.todo or todo.searches:
-        # A remote executor decides 'auto' on its workers' hardware, not the driver's.
-        dev = device if getattr(executor, "resolves_device", False) else str(pick_device(device))
+        dev = device if remote else str(pick_device(device))
         report.outcomes += run_jobs(store, todo.todo, dev, progress, executor)
         # Grid points first, then the selected point of each search: selection reads only
         # stored validation scores, so points from an interrupted earlier submit count too.

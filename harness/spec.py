@@ -163,6 +163,11 @@ class SuiteSpec(Strict):
             unknown = [n for n in (c.tasks or []) if n not in names]
             if unknown:
                 raise ValueError(f"corruption '{c.name}' names unknown tasks {unknown}")
+        for i, row in enumerate(self.references.published):
+            unknown = sorted((set(row.values) | set(row.extra_values)) - set(names))
+            if unknown:
+                raise ValueError(f"references.published[{i}] ('{row.label}') names unknown tasks {unknown}; "
+                                 "use the suite's task names")
         models = {self.family.base, self.family.processor, self.family.heads, self.references.mtl,
                   *self.family.experts.values()}
         unpinned = sorted(set(self.family.revisions) - models)

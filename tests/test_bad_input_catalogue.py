@@ -123,6 +123,7 @@ SUITES = [
     ("suite-published-inf", _set(["references", "published", 0, "values", "digits"], float("inf")),
      "references.published[0].values.digits"),
     ("suite-severity-bool", _set(["corruptions", 0, "severity"], True), "corruptions[0].severity"),
+    ("suite-published-unknown-task", _set(["references", "published", 0, "values", "nope"], 1.0), "(top level)"),
 ]
 
 
@@ -180,6 +181,39 @@ def test_bad_suite(case, edit, field, fbh_env, tmp_path, seeded_db, monkeypatch)
     before = db_fingerprint(seeded_db)
     check_error(CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)]),
                 path.name, field)
+    assert db_fingerprint(seeded_db) == before
+
+
+def test_a_folder_that_is_no_model_is_refused_before_anything_is_hashed_or_written(tmp_path, seeded_db, fbh_env,
+                                                                                  monkeypatch):
+    """A reference to a huge folder (/, /etc, a home directory) is not read through to fingerprint it."""
+    import harness.identity
+    monkeypatch.setattr(harness.identity, "MAX_INPUT_FILES", 5)
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(6):
+        (big / f"f{i}").write_text("x")
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "tiny-bad.yaml").write_text(yaml.safe_dump(suite_with(_set(["family", "processor"], str(big)))))
+    monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    before = db_fingerprint(seeded_db)
+    res = CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)])
+    check_error(res, "tiny-bad.yaml", "family.processor")
+    assert "not a model or dataset folder" in res.output and db_fingerprint(seeded_db) == before
+
+
+def test_cuda_on_a_machine_without_one_changes_nothing(tmp_path, seeded_db, fbh_env):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    before = db_fingerprint(seeded_db)
+    res = CliRunner().invoke(main, ["submit", str(sub), "--db", str(seeded_db), "--device", "cuda"])
+    assert res.exit_code == 2 and "--device" in res.output and "Traceback" not in res.output
     assert db_fingerprint(seeded_db) == before
 
 
