@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -157,9 +158,30 @@ class Run:
         return out
 
 
+# DuckDB's words when another process holds the file (Linux / macOS, and Windows); nothing else is retried.
+LOCK_MESSAGES = ("Could not set lock on file", "being used by another process")
+# No extension is ever downloaded or loaded behind our back (a SQLite file makes DuckDB reach for one).
+NO_EXTENSIONS = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+DB_FIX = "pass --db with a path to an fbh results database (a new path creates one); nothing was written"
+
+
 def _is_lock_error(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "lock" in text or "conflict" in text or "being used by another process" in text
+    return any(m in str(exc) for m in LOCK_MESSAGES)
+
+
+def database_error(path: Path, exc: BaseException) -> Exception:
+    """One message naming the file and the fix for what DuckDB or the OS said about a database file."""
+    from harness.errors import FbhError
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == 28 or "No space left" in str(exc):
+        return FbhError(f"the disk is full: {first}", file=str(path), fix="free space and run again; runs already "
+                        "stored are complete, and the one being written was not")
+    if path.is_dir():
+        return FbhError("the results database path is a folder", file=str(path), fix=DB_FIX)
+    if isinstance(exc, PermissionError) or "Permission denied" in str(exc) or "read-only" in str(exc).lower():
+        return FbhError(f"cannot write the results database: {first}", file=str(path),
+                        fix="make the file and its folder writable, or pass another --db")
+    return FbhError(f"not a readable fbh results database: {first}", file=str(path), fix=DB_FIX)
 
 
 class Store:
@@ -169,7 +191,10 @@ class Store:
         self.path = Path(path)
         self.lock_timeout = lock_timeout
         self._held: duckdb.DuckDBPyConnection | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise database_error(self.path, exc) from None
         version = self._schema_version()
         if version == SCHEMA_VERSION:
             return  # an up-to-date database is not written to by merely opening it
@@ -190,27 +215,43 @@ class Store:
         if not self.path.exists():
             return None
         with self.connect(read_only=True) as con:
-            try:
-                row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            except duckdb.CatalogException:
+            tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if "meta" not in tables:
+                if tables:  # another program's DuckDB file: never written into
+                    from harness.errors import FbhError
+                    raise FbhError(f"a DuckDB file, but not an fbh results database (tables: {sorted(tables)[:5]})",
+                                   file=str(self.path), fix=DB_FIX)
                 return None
+            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row is not None else None
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.05
+        """A connection, retried while another fbh process holds the file's lock (saying so once);
+        any other DuckDB or OS error is one message naming the file and the fix."""
+        started = time.monotonic()
+        deadline = started + self.lock_timeout
+        delay, waiting = 0.05, False
         while True:
             try:
-                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists())
+                con = duckdb.connect(str(self.path), read_only=read_only and self.path.exists(), config=NO_EXTENSIONS)
                 break
-            except duckdb.Error as exc:
-                if not _is_lock_error(exc) or time.monotonic() > deadline:
-                    raise
+            except (duckdb.Error, OSError) as exc:
+                if not _is_lock_error(exc):
+                    raise database_error(self.path, exc) from None
+                if time.monotonic() > deadline:
+                    from harness.errors import FbhError
+                    raise FbhError(f"another process held the database's lock for {self.lock_timeout:g} s",
+                                   file=str(self.path), fix="wait for it to finish, or pass another --db") from None
+                if not waiting and time.monotonic() - started > 1.0:  # a brief wait is not worth a word
+                    waiting = True
+                    sys.stderr.write(f"waiting for {self.path}: another process holds its lock\n")
                 time.sleep(delay + random.random() * delay)
                 delay = min(delay * 2, 1.0)
         try:
             yield con
+        except (duckdb.IOException, duckdb.PermissionException, OSError) as exc:
+            raise database_error(self.path, exc) from None
         finally:
             con.close()
 
@@ -222,7 +263,10 @@ class Store:
                 yield con
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                try:  # a failed COMMIT (a full disk) may have ended the transaction already
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # the first error is the one to report
                 raise
 
     # -- writes ------------------------------------------------------------------
@@ -232,6 +276,10 @@ class Store:
         return rows[0]["source_path"] if rows else None
 
     def upsert_submission(self, spec: dict[str, Any], spec_hash: str, source_path: str | None) -> None:
+        """Store a submission's spec; an unchanged one is not written (a cached re-submit writes nothing)."""
+        if self.query("SELECT 1 FROM submissions WHERE name = ? AND spec_hash = ? AND source_path IS NOT DISTINCT "
+                      "FROM ?", [spec["name"], spec_hash, source_path]):
+            return
         with self.transaction() as con:
             con.execute("DELETE FROM submissions WHERE name = ?", [spec["name"]])
             con.execute("INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -240,6 +288,11 @@ class Store:
 
     def upsert_suite(self, spec: dict[str, Any], spec_hash: str, fingerprint: str | None = None,
                      expected_fingerprint: str | None = None, inputs: dict | None = None) -> None:
+        """Store a suite's spec and what it is computed on; an unchanged one is not written."""
+        if self.query("SELECT 1 FROM suites WHERE name = ? AND spec_hash = ? AND fingerprint IS NOT DISTINCT FROM ? "
+                      "AND expected_fingerprint IS NOT DISTINCT FROM ?",
+                      [spec["name"], spec_hash, fingerprint, expected_fingerprint]):
+            return
         with self.transaction() as con:
             con.execute("DELETE FROM suites WHERE name = ?", [spec["name"]])
             con.execute("INSERT INTO suites (name, title, description, spec, spec_hash, task_names, updated_at, "
