@@ -1,0 +1,165 @@
+"""Evaluation parity with FusionBench: fbh's evaluation against fusion-bench's own task pools.
+
+The merge differentials (test_differential_fusion_bench.py) prove that fbh fuses weights as
+fusion-bench does; these prove that it *scores* them as fusion-bench does. Each test builds
+tiny random-initialised models and tiny datasets in the real on-disk formats (save_pretrained,
+datasets save_to_disk), runs fbh's real path (suite YAML -> family -> eval_data / logits ->
+harness.evaluate.evaluate) and fusion-bench's (its task pool, or the functions its task pool
+calls where the pool itself can only load from the hub), and compares per-example outputs
+(max abs diff <= 1e-5) and the metric (identical).
+
+The suite entries (class names, templates, prompts) are read from the shipped suite files, so
+the catalog's copies of FusionBench's templates are checked against fusion-bench's package too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, save_random_image_datasets
+from test_families import byte_vocab, perturbed, save_text_dataset, tiny_t5_tokenizer, write_suite
+
+pytestmark = pytest.mark.slow
+fusion_bench = pytest.importorskip("fusion_bench")
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads on a shared machine (see test_families)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def shipped_task(suite: str, task: str) -> dict:
+    spec = yaml.safe_load((REPO / "suites" / f"{suite}.yaml").read_text())
+    return next(t for t in spec["tasks"] if t["name"] == task)
+
+
+def open_family(name: str):
+    from harness.runner import open_suite
+    return open_suite(name, torch.device("cpu"), progress=lambda m: None).family
+
+
+def fbh_rows(family, tasks: list[str], batch_size: int = 5) -> dict[str, dict]:
+    """fbh's evaluate() on each task's expert, one row per task (the primary metric)."""
+    from harness.evaluate import Predictor, evaluate
+    out = {}
+    for task in tasks:
+        model = family.build(family.expert_state(task))
+        (row, *_) = evaluate(Predictor([model]), family, [(task, "seen")], batch_size=batch_size)
+        out[task] = row.as_dict()
+    return out
+
+
+# ----------------------------------------------------------------------------- CLIP vision
+
+CLIP_PARITY_TASKS = ["eurosat", "gtsrb"]  # two of the eight, with FusionBench's real class names and templates
+
+
+def tiny_clip_suite(root: Path) -> None:
+    """A tiny CLIP (full CLIPModel + tokenizer + a processor that resizes 40x36 images to 32 and
+    centre-crops) and one vision-tower expert per task; datasets of random images per task.
+    The byte vocabulary spells prompts out a byte a token, so the text tower takes 160 positions
+    (FusionBench's prompts fit CLIP's 77 with the real BPE)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, CLIPVisionModel
+    vocab = byte_vocab("<|startoftext|>", "<|endoftext|>")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=160, bos_token_id=len(vocab) - 2,
+                         eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=16, logit_scale_init_value=3.0)
+    torch.manual_seed(0)
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(root / "clip")
+    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(root / "clip")
+    # OpenAI's processor settings (bicubic resize of the short side, centre crop, CLIP mean/std), at 32 px.
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip")
+    vision = CLIPVisionModel.from_pretrained(root / "clip")
+    tasks = {t: shipped_task("clip-vit-b32-8tasks", t) for t in CLIP_PARITY_TASKS}
+    for i, task in enumerate(tasks):
+        perturbed(vision, i + 1, scale=0.05).save_pretrained(root / "experts" / task)
+    save_random_image_datasets(root, {t: spec["classes"] for t, spec in tasks.items()})
+    write_suite(root, {
+        "name": "clip-parity", "family": {"kind": "clip_vision", "base": "../clip", "heads": "zero_shot",
+                                          "experts": {t: f"../experts/{t}" for t in tasks}},
+        "tasks": [spec | {"dataset": f"../data/{t}", "dataset_config": None} for t, spec in tasks.items()],
+        "references": {"computed": []}})
+
+
+def importable_clip_taskpool() -> None:
+    """fusion-bench 0.2.33 imports `CLIPVisionTransformer` for type hints; transformers 5 folded that
+    class into `CLIPVisionModel` (CLIPModel.vision_model is one), so the name is aliased to it."""
+    from transformers import CLIPVisionModel
+    from transformers.models.clip import modeling_clip
+    if not hasattr(modeling_clip, "CLIPVisionTransformer"):
+        modeling_clip.CLIPVisionTransformer = CLIPVisionModel
+
+
+def fusion_bench_clip_pool(root: Path):
+    """fusion-bench's CLIPVisionModelTaskPool on the same files, constructed with local objects
+    (its hydra config would name hub ids)."""
+    import datasets
+    from transformers import CLIPModel, CLIPProcessor
+    importable_clip_taskpool()
+    from fusion_bench.taskpool.clip_vision.taskpool import CLIPVisionModelTaskPool
+    test = {t: datasets.load_from_disk(str(root / "data" / t))["test"] for t in CLIP_PARITY_TASKS}
+    pool = CLIPVisionModelTaskPool(test, processor=CLIPProcessor.from_pretrained(root / "clip"),
+                                   clip_model=CLIPModel.from_pretrained(root / "clip"),
+                                   dataloader_kwargs={"batch_size": 5, "shuffle": False}, fast_dev_run=False)
+    pool.setup()
+    return pool
+
+
+def test_clip_vision_evaluation_matches_fusion_bench_taskpool(private_env):
+    from transformers import CLIPVisionModel
+    from fusion_bench.models.hf_clip import HFCLIPClassifier
+    from fusion_bench.tasks.clip_classification import get_classnames_and_templates
+    tiny_clip_suite(private_env)
+    family = open_family("clip-parity")
+    pool = fusion_bench_clip_pool(private_env)
+
+    for task in CLIP_PARITY_TASKS:
+        # The catalog's class names and templates are fusion-bench's, in label order.
+        classnames, templates = get_classnames_and_templates(task)
+        spec = family.suite.task(task)
+        assert spec.classes == list(classnames)
+        assert [t.replace("{c}", "X") for t in spec.templates] == [t("X") for t in templates]
+
+        # Preprocessing: the same pixel values, image for image.
+        inputs, labels = family.eval_data(task, "test")
+        theirs = [(x, y) for x, y in pool.test_dataloaders[task]]
+        their_inputs = torch.cat([x for x, _ in theirs])
+        assert inputs.shape == their_inputs.shape == (12, 3, 32, 32)
+        assert (inputs - their_inputs).abs().max() <= ATOL
+        assert torch.equal(labels, torch.cat([y for _, y in theirs]))
+
+        # Zero-shot head (templates averaged, normalised) and logit scale, then per-example logits.
+        expert = CLIPVisionModel.from_pretrained(private_env / "experts" / task).eval()
+        classifier = HFCLIPClassifier(pool.clip_model, pool.processor)
+        classifier.clip_model.vision_model = expert
+        classifier.set_classification_task(classnames, templates)
+        assert (family.head(task) - classifier.zeroshot_weights).abs().max() <= ATOL
+        with torch.no_grad():
+            their_logits = torch.cat([classifier(x) for x, _ in theirs])
+            ours = family.logits(family.build(family.expert_state(task)), task, inputs)
+        assert (ours - their_logits).abs().max() <= ATOL
+        assert torch.equal(ours.argmax(-1), their_logits.argmax(-1))
+
+    # Accuracy: fbh's rows against the task pool's own evaluate(), expert by expert.
+    rows = fbh_rows(family, CLIP_PARITY_TASKS)
+    for task in CLIP_PARITY_TASKS:
+        expert = CLIPVisionModel.from_pretrained(private_env / "experts" / task).eval()
+        report = pool.evaluate(expert)
+        assert rows[task]["metric"] == "accuracy" and rows[task]["n"] == 12
+        assert rows[task]["value"] == 100 * report[task]["accuracy"]
