@@ -163,3 +163,103 @@ def test_clip_vision_evaluation_matches_fusion_bench_taskpool(private_env):
         report = pool.evaluate(expert)
         assert rows[task]["metric"] == "accuracy" and rows[task]["n"] == 12
         assert rows[task]["value"] == 100 * report[task]["accuracy"]
+
+
+# ----------------------------------------------------------------------------- GPT-2 classification
+
+GPT2_ROWS = {  # lengths differ, so padding (side, length) and the pooled token matter
+    "cola": {"sentence": ["the cat sat", "sat the cat on a very red mat", "a dog ran", "ran dog a far away",
+                          "the red cat", "cat red the"], "label": [1, 0, 1, 0, 1, 0], "idx": list(range(6))},
+    "mrpc": {"sentence1": ["a cat", "a dog that ran home", "the sun", "red sky at night"],
+             "sentence2": ["the cat", "one cat", "sun over the hills", "a sky"], "label": [1, 0, 1, 0],
+             "idx": list(range(4))},
+}
+
+
+def tiny_gpt2_suite(root: Path) -> None:
+    """A tiny GPT-2 LM (like `gpt2`) and per task a GPT2ForSequenceClassification expert (like
+    tanganke/gpt2_<task>). 512 positions: FusionBench pads every example to 512 tokens."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Tokenizer
+    vocab = byte_vocab("<|endoftext|>")
+    config = GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=len(vocab) - 1, eos_token_id=len(vocab) - 1)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(root / "gpt2")
+    GPT2Tokenizer(vocab=vocab, merges=[]).save_pretrained(root / "gpt2")
+    for i, task in enumerate(GPT2_ROWS):
+        clf = GPT2ForSequenceClassification.from_pretrained(root / "gpt2", num_labels=2,
+                                                            pad_token_id=config.eos_token_id)
+        perturbed(clf, i + 1, scale=0.2).save_pretrained(root / "experts" / task)
+        save_text_dataset(root / "data" / task, GPT2_ROWS[task])
+    write_suite(root, {
+        "name": "gpt2-parity", "family": {"kind": "gpt2_classification", "base": "../gpt2",
+                                          "experts": {t: f"../experts/{t}" for t in GPT2_ROWS}},
+        "tasks": [shipped_task("gpt2-glue", t) | {"dataset": f"../data/{t}", "dataset_config": None}
+                  for t in GPT2_ROWS],
+        "references": {"computed": []}})
+
+
+def fusion_bench_gpt2_pool(root: Path):
+    """fusion-bench's GPT2TextClassificationTaskPool over the GLUE splits tokenised by its own
+    TokenizedGLUE functions (whose loaders read GLUE from the hub, so the tokenize functions are
+    mapped over the local splits as those loaders map them), and its GPT-2 model pool."""
+    from functools import partial
+    import datasets
+    from omegaconf import DictConfig
+    from fusion_bench.dataset.gpt2_glue import cola_tokenize_function, mrpc_tokenize_function
+    from fusion_bench.modelpool.huggingface_gpt2_classification import (GPT2ForSequenceClassificationPool,
+                                                                          load_gpt2_tokenizer)
+    from fusion_bench.taskpool.gpt2_text_classification import GPT2TextClassificationTaskPool
+    # As fusion-bench's configs give it: a hydra target of its load_gpt2_tokenizer (pad = unk, 512 tokens).
+    tokenizer_config = DictConfig({"_target_": f"{load_gpt2_tokenizer.__module__}.load_gpt2_tokenizer",
+                                   "pretrained_model_name_or_path": str(root / "gpt2")})
+    tokenizer = load_gpt2_tokenizer(str(root / "gpt2"))
+    tokenize = {"cola": (cola_tokenize_function, ["sentence"]),
+                "mrpc": (mrpc_tokenize_function, ["sentence1", "sentence2"])}
+    test = {}
+    for task, (fn, columns) in tokenize.items():
+        split = datasets.load_from_disk(str(root / "data" / task))["validation"]
+        tokenized = root / "fusion-bench" / task
+        split.map(partial(fn, tokenizer=tokenizer), batched=True, remove_columns=columns).save_to_disk(str(tokenized))
+        # The pool instantiates each test set from a config; its own targets load GLUE from the hub.
+        test[task] = DictConfig({"_target_": "datasets.load_from_disk", "dataset_path": str(tokenized)})
+    pool = GPT2TextClassificationTaskPool(test, tokenizer=tokenizer_config, dataloader_kwargs={"batch_size": 4},
+                                          fast_dev_run=False)
+    models = DictConfig({t: {"pretrained_model_name_or_path": str(root / "experts" / t)} for t in GPT2_ROWS})
+    pool._program = type("Program", (), {"modelpool": GPT2ForSequenceClassificationPool(models=models,
+                                                                                          tokenizer=tokenizer_config)})()
+    return pool
+
+
+def test_gpt2_classification_matches_fusion_bench_taskpool(private_env):
+    from transformers import GPT2ForSequenceClassification
+    tiny_gpt2_suite(private_env)
+    family = open_family("gpt2-parity")
+    pool = fusion_bench_gpt2_pool(private_env)
+    rows = fbh_rows(family, list(GPT2_ROWS))
+    for task in GPT2_ROWS:
+        inputs, labels = family.eval_data(task, "validation")
+        ids, mask = inputs[:, 0], inputs[:, 1]
+        loader = list(pool.get_test_dataloader(task))
+        their_ids = torch.cat([b["input_ids"] for b in loader])
+        their_mask = torch.cat([b["attention_mask"] for b in loader])
+        # fbh pads to the longest example, FusionBench to 512; both pad on the right with the same
+        # token, so the real tokens and their masks agree position for position.
+        assert their_ids.shape[1] == 512 and ids.shape[1] < 512
+        assert torch.equal(ids, their_ids[:, :ids.shape[1]]) and torch.equal(mask, their_mask[:, :ids.shape[1]])
+        assert not their_mask[:, ids.shape[1]:].any()
+        assert torch.equal(labels, torch.cat([b["labels"] for b in loader]))
+
+        # Logits: the fbh family's head on the last real token against fusion-bench's classifier
+        # (the task's GPT2ForSequenceClassification with the evaluated body swapped in).
+        expert = GPT2ForSequenceClassification.from_pretrained(private_env / "experts" / task).eval()
+        classifier = pool.get_classifier(task, expert.transformer).eval()
+        with torch.no_grad():
+            theirs = torch.cat([classifier(b["input_ids"], attention_mask=b["attention_mask"]).logits
+                                for b in loader])
+            ours = family.logits(family.build(family.expert_state(task)), task, inputs)
+        assert (ours - theirs).abs().max() <= ATOL
+
+        result = pool.evaluate_single_task(task, expert.transformer, pool.get_test_dataloader(task))
+        assert rows[task]["metric"] == "accuracy" and rows[task]["n"] == len(GPT2_ROWS[task]["label"])
+        assert rows[task]["value"] == 100 * result["accuracy"]
