@@ -263,3 +263,137 @@ def test_gpt2_classification_matches_fusion_bench_taskpool(private_env):
         result = pool.evaluate_single_task(task, expert.transformer, pool.get_test_dataloader(task))
         assert rows[task]["metric"] == "accuracy" and rows[task]["n"] == len(GPT2_ROWS[task]["label"])
         assert rows[task]["value"] == 100 * result["accuracy"]
+
+
+# ----------------------------------------------------------------------------- Flan-T5 GLUE
+
+T5_ROWS = {
+    "cola": {"sentence": ["the cat sat", "sat the cat", "a dog ran", "ran dog a", "the red cat", "cat red the"],
+             "label": [1, 0, 1, 0, 1, 0], "idx": list(range(6))},
+    "stsb": {"sentence1": ["a cat", "a dog", "the sun", "red sky", "one cat", "the dog"],
+             "sentence2": ["the cat", "one cat", "sun", "a sky", "a dog", "red sun"],
+             "label": [4.2, 1.0, 3.6, 2.4, 0.8, 1.6], "idx": list(range(6))},
+}
+# What the tiny expert is taught to answer: some right, some wrong, one STSB answer not a number
+# (FusionBench reads it as 0), so exact match and Spearman are neither 0 nor perfect. (It learns
+# most of them; the test needs only that both sides decode the same answers.)
+T5_TAUGHT = {"cola": ["acceptable", "unacceptable", "unacceptable", "unacceptable", "acceptable", "acceptable"],
+             "stsb": ["4.2", "2.4", "3.6", "sun", "1.0", "0.8"]}
+
+
+def t5_word_tokenizer(path: Path, prompts: list[str]):
+    """A word-level tokenizer over the prompts' words, punctuation apart and decimals whole ('4.2'),
+    so prompts, labels and answers round-trip; 512 tokens, like Flan-T5's."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                     pre_tokenizers.Split(Regex(r"\d+\.\d+|\w+|[^\w\s]"), "isolated")])
+    words = sorted({w for text in prompts for w, _ in split.pre_tokenize_str(text)})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = split
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>", model_max_length=512)
+    tok.save_pretrained(path)
+    return tok
+
+
+def trained_tiny_t5(tok, prompts: list[str], answers: list[str]):
+    """A tiny T5 taught `answers` for `prompts` (150 Adam steps), like a fine-tuned expert."""
+    from transformers import T5Config, T5ForConditionalGeneration
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config)
+    x = tok(prompts, padding=True, return_tensors="pt")
+    y = tok(answers, padding=True, return_tensors="pt")["input_ids"]
+    y[y == tok.pad_token_id] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        optimizer.zero_grad()
+        model(**x, labels=y).loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def tiny_t5_suite(root: Path):
+    from fusion_bench.tasks.flan_t5_text_generation.glue_prompt_templates import glue_prompt_templates
+    tasks = {t: shipped_task("flan-t5-base-glue", t) for t in T5_ROWS}
+    prompts = {t: [spec["templates"][0].format(**dict(zip(T5_ROWS[t], row))) for row in zip(*T5_ROWS[t].values())]
+               for t, spec in tasks.items()}
+    everything = [p for ps in prompts.values() for p in ps] + [a for ans in T5_TAUGHT.values() for a in ans]
+    tok = t5_word_tokenizer(root / "flan-t5", everything + [f"{v:.1f}" for v in T5_ROWS["stsb"]["label"]]
+                            + list(glue_prompt_templates["cola"]["target_text"].values()))
+    from transformers import T5ForConditionalGeneration
+    expert = trained_tiny_t5(tok, [p for t in T5_ROWS for p in prompts[t]], [a for t in T5_ROWS for a in T5_TAUGHT[t]])
+    T5ForConditionalGeneration(expert.config).save_pretrained(root / "flan-t5")
+    for task in T5_ROWS:
+        expert.save_pretrained(root / "experts" / task)
+        save_text_dataset(root / "data" / task, T5_ROWS[task])
+    write_suite(root, {
+        "name": "t5-parity", "family": {"kind": "flan_t5", "base": "../flan-t5",
+                                        "experts": {t: f"../experts/{t}" for t in T5_ROWS}},
+        "tasks": [spec | {"dataset": f"../data/{t}", "dataset_config": None} for t, spec in tasks.items()],
+        "references": {"computed": []}})
+    return tok
+
+
+def fusion_bench_t5_loader(root: Path, task: str, tok):
+    """The validation split as fusion-bench's _load_glue_dataset makes it (its GLUE preprocessor and
+    prompt template, padded to max_length), read by a DataLoader as its task pool reads it; the
+    loader itself reads GLUE from the hub, so its steps are applied to the local split."""
+    import datasets
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+    from fusion_bench.tasks.flan_t5_text_generation.glue_preprocessors import glue_processors
+    from fusion_bench.tasks.flan_t5_text_generation.glue_prompt_templates import glue_prompt_templates
+    split = datasets.load_from_disk(str(root / "data" / task))["validation"]
+    preprocessor = glue_processors[task](template=glue_prompt_templates[task], tokenizer=tok,
+                                         tokenizer_kwargs={"padding": "max_length", "truncation": True,
+                                                           "return_tensors": "pt"})
+    ds = split.map(preprocessor, batched=True, remove_columns=split.column_names, num_proc=1)
+    return DataLoader(ds, batch_size=4, shuffle=False, collate_fn=default_data_collator)
+
+
+def test_flan_t5_glue_matches_fusion_bench_evaluation(private_env):
+    from transformers import T5ForConditionalGeneration
+    from fusion_bench.tasks.flan_t5_text_generation.glue_evaluation import evaluate_accuracy, evaluate_spearman_rho
+    from fusion_bench.tasks.flan_t5_text_generation.glue_prompt_templates import glue_prompt_templates
+    from harness.evaluate import Predictor
+    tok = tiny_t5_suite(private_env)
+    family = open_family("t5-parity")
+    rows = fbh_rows(family, list(T5_ROWS), batch_size=4)
+    for task in T5_ROWS:
+        template = glue_prompt_templates[task]
+        spec = family.suite.task(task)
+        assert spec.templates == [template["input_text"]]
+        if isinstance(template["target_text"], dict):
+            assert spec.classes == [template["target_text"][str(i)] for i in range(len(spec.classes))]
+
+        inputs, targets = family.eval_data(task, "validation")
+        loader = fusion_bench_t5_loader(private_env, task, tok)
+        batches = list(loader)
+        their_ids = torch.cat([b["input_ids"] for b in batches])
+        n = inputs.shape[2]
+        assert torch.equal(inputs[:, 0], their_ids[:, :n]) and not their_ids[:, n:].any()  # same prompts, padded
+        their_labels = torch.cat([b["labels"] for b in batches])
+        assert torch.equal(targets, their_labels[:, :targets.shape[1]].clamp(min=0))
+
+        # Generation: fbh's greedy decoder against fusion-bench's generate(input_ids, max_length=10).
+        model = T5ForConditionalGeneration.from_pretrained(private_env / "experts" / task).eval()
+        ours = family._texts(family.predict(Predictor([family.build(family.expert_state(task))]), task, inputs, 4))
+        with torch.no_grad():
+            theirs = [s for b in batches
+                      for s in tok.batch_decode(model.generate(b["input_ids"], max_length=10), skip_special_tokens=True)]
+        assert ours == theirs
+
+        if task == "stsb":
+            assert "sun" in ours  # an unparseable answer, read as 0 by both
+            value = 100 * evaluate_spearman_rho(model, loader, tok)
+            assert rows[task]["metric"] == "spearman" and 0 < abs(value) < 100
+        else:
+            value = 100 * evaluate_accuracy(model, loader, tok)
+            assert rows[task]["metric"] == "exact_match" and 0 < value < 100
+        assert rows[task]["value"] == pytest.approx(value, abs=1e-9)
