@@ -397,3 +397,40 @@ def test_flan_t5_glue_matches_fusion_bench_evaluation(private_env):
             value = 100 * evaluate_accuracy(model, loader, tok)
             assert rows[task]["metric"] == "exact_match" and 0 < value < 100
         assert rows[task]["value"] == pytest.approx(value, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- NYUv2
+
+from test_nyuv2 import N as NYUV2_N, nyuv2_env  # noqa: E402,F401 -- the tiny dilated ResNet suite fixture
+
+NYUV2_METRICS = {  # fbh metric -> (fusion-bench metric class, index in its compute(), fbh's unit factor)
+    "miou": ("segmentation", 0, 100), "pixel_accuracy": ("segmentation", 1, 100),
+    "abs_err": ("depth", 0, 100), "rel_err": ("depth", 1, 100), "mean_angle": ("normal", 0, 1),
+}
+
+
+def test_nyuv2_metrics_match_fusion_bench_metric_classes(nyuv2_env):
+    """Each expert's rows from fbh's evaluate() against fusion-bench's SegmentationMetric, DepthMetric
+    and NormalMetric updated, as its NYUv2MTLModule's validation does, with the same outputs in
+    batches of 16 (its taskpool's batch_size; the tiny split is one batch)."""
+    from fusion_bench.metrics.nyuv2 import metric_classes
+    from harness.evaluate import Predictor, evaluate
+    family = open_family("resnet50-nyuv2")
+    for task in ("segmentation", "depth", "normal"):
+        model = family.build(family.expert_state(task))
+        rows = {r.metric: r.value for r in evaluate(Predictor([model]), family, [(task, "seen")], batch_size=4)}
+        inputs, targets = family.eval_data(task, "test")
+        metric = metric_classes[task]()
+        with torch.no_grad():
+            for start in range(0, NYUV2_N, 16):
+                outputs = family.logits(model, task, inputs[start:start + 16])
+                target = targets[start:start + 16]
+                # fusion-bench's loader gives segmentation labels as floats with -1 for unlabelled pixels.
+                metric.update(outputs, torch.where(target == 255, -1, target.long()).float()
+                              if task == "segmentation" else target)
+        theirs = metric.compute()
+        assert rows, task
+        for name, value in rows.items():
+            kind, index, unit = NYUV2_METRICS[name]
+            assert kind == task
+            assert value == pytest.approx(unit * float(theirs[index]), rel=1e-6, abs=1e-6), name
