@@ -200,7 +200,9 @@ def suites_list():
 
 @suites.command("check")
 @click.argument("name")
-def suites_check(name):
+@click.option("--commands", "commands_only", is_flag=True,
+              help="print only the `hf download` lines for what is missing (pipe them to sh)")
+def suites_check(name, commands_only):
     """List every model and dataset suite NAME reads: id, revision, expected files, whether each is
     here (local path or HF cache, looked up offline) and how to fetch the rest. Exit 0 only when
     the suite can run."""
@@ -208,6 +210,10 @@ def suites_check(name):
     from harness.suites import check_suite
     spec, path = find_suite(name)
     check = check_suite(spec, path)
+    if commands_only:
+        for command in check.fetch_commands():
+            click.echo(command)
+        sys.exit(0 if check.runnable else 1)
     for i in check.inputs:
         state = "present" if i.present else ("incomplete" if i.location else "missing")
         revision = i.revision or "-"

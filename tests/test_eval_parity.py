@@ -411,8 +411,8 @@ NYUV2_METRICS = {  # fbh metric -> (fusion-bench metric class, index in its comp
 
 def test_nyuv2_metrics_match_fusion_bench_metric_classes(nyuv2_env):
     """Each expert's rows from fbh's evaluate() against fusion-bench's SegmentationMetric, DepthMetric
-    and NormalMetric updated, as its NYUv2MTLModule's validation does, with the same outputs in
-    batches of 16 (its taskpool's batch_size; the tiny split is one batch)."""
+    and NormalMetric updated batch by batch, as its NYUv2MTLModule's validation does, with the same
+    outputs; batches of 4, so the tiny split takes two and accumulation across batches is checked."""
     from fusion_bench.metrics.nyuv2 import metric_classes
     from harness.evaluate import Predictor, evaluate
     family = open_family("resnet50-nyuv2")
@@ -422,9 +422,9 @@ def test_nyuv2_metrics_match_fusion_bench_metric_classes(nyuv2_env):
         inputs, targets = family.eval_data(task, "test")
         metric = metric_classes[task]()
         with torch.no_grad():
-            for start in range(0, NYUV2_N, 16):
-                outputs = family.logits(model, task, inputs[start:start + 16])
-                target = targets[start:start + 16]
+            for start in range(0, NYUV2_N, 4):
+                outputs = family.logits(model, task, inputs[start:start + 4])
+                target = targets[start:start + 4]
                 # fusion-bench's loader gives segmentation labels as floats with -1 for unlabelled pixels.
                 metric.update(outputs, torch.where(target == 255, -1, target.long()).float()
                               if task == "segmentation" else target)
@@ -434,3 +434,32 @@ def test_nyuv2_metrics_match_fusion_bench_metric_classes(nyuv2_env):
             kind, index, unit = NYUV2_METRICS[name]
             assert kind == task
             assert value == pytest.approx(unit * float(theirs[index]), rel=1e-6, abs=1e-6), name
+
+
+def test_nyuv2_depth_errors_pool_valid_pixels_over_batches_as_fusion_bench_does():
+    """FusionBench's DepthMetric keeps one mean per batch, but weights it by `preds.size(0)` taken after
+    `masked_select`, i.e. the batch's count of valid pixels, not of images: its batched number is the
+    mean over every valid pixel of the split, as fbh pools it. Checked over batches of 16 whose images
+    have different numbers of missing measurements (real NYUv2's do), where an image-weighted mean of
+    batch means would differ."""
+    from fusion_bench.metrics.nyuv2 import metric_classes
+    from harness.families.resnet_nyuv2 import DEPTH, metric_of_sums, per_image_sums
+    g = torch.Generator().manual_seed(0)
+    n, batch = 37, 16  # batches of 16, 16 and 5, like NYUv2's 654 test images in FusionBench's batches of 16
+    targets = torch.rand(n, 1, 8, 8, generator=g) * 4 + 0.5
+    for i in range(n):
+        targets[i, :, : i % 7] = 0  # 0 to 6 rows of missing measurements
+    outputs = targets + torch.randn(n, 1, 8, 8, generator=g)
+    sums = per_image_sums(DEPTH, outputs, targets)
+
+    fusion_bench_depth = metric_classes["depth"]()
+    for start in range(0, n, batch):
+        fusion_bench_depth.update(outputs[start:start + batch], targets[start:start + batch])
+    theirs = fusion_bench_depth.compute()
+    valid = targets != 0
+    for index, metric in enumerate(["abs_err", "rel_err"]):
+        assert metric_of_sums(metric, sums.sum(0)) == pytest.approx(100 * float(theirs[index]), rel=1e-6)
+        per_pixel = (outputs - targets).abs() / (targets if metric == "rel_err" else 1)
+        image_weighted = sum(len(b) * float(per_pixel[start:start + batch][valid[start:start + batch]].mean())
+                             for start in range(0, n, batch) for b in [outputs[start:start + batch]]) / n
+        assert abs(100 * image_weighted - 100 * float(theirs[index])) > 1e-3  # what it is not

@@ -56,6 +56,8 @@ def test_one_model_present_one_missing(private_env, monkeypatch):
     assert "missing    model   org/cola-expert" in out.output and "  hf download org/cola-expert" in out.output
     assert f"revision {COMMIT} (local cache, unpinned)" in out.output and f"revision {PIN};" in out.output
     assert "hubby: 2/3 inputs present; cannot run yet" in out.output
+    out = CliRunner().invoke(main, ["suites", "check", "hubby", "--commands"])
+    assert out.exit_code == 1 and out.output == "hf download org/cola-expert\n"
 
     # Once the expert is downloaded the suite can run, and the check says so with exit 0.
     fake_hub_snapshot(cache, "org/cola-expert", COMMIT, MODEL_FILES)
