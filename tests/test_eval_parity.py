@@ -463,3 +463,45 @@ def test_nyuv2_depth_errors_pool_valid_pixels_over_batches_as_fusion_bench_does(
         image_weighted = sum(len(b) * float(per_pixel[start:start + batch][valid[start:start + batch]].mean())
                              for start in range(0, n, batch) for b in [outputs[start:start + batch]]) / n
         assert abs(100 * image_weighted - 100 * float(theirs[index])) > 1e-3  # what it is not
+
+
+def test_flan_t5_exact_match_keeps_trailing_spaces_as_fusion_bench(private_env):
+    """With a sentencepiece-style tokenizer (Metaspace, as Flan-T5's), an answer ending in a lone '▁'
+    decodes with a trailing space. FusionBench compares decoded strings as they are, so that is no
+    exact match; fbh used to strip it into one. Both now agree, answer for answer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from fusion_bench.tasks.flan_t5_text_generation.glue_evaluation import evaluate_accuracy
+    template = shipped_task("flan-t5-base-glue", "cola")["templates"][0]
+    rows = T5_ROWS["cola"]
+    prompts = [template.format(sentence=s) for s in rows["sentence"]]
+    metaspace = pre_tokenizers.Metaspace()
+    words = sorted({w for p in prompts + ["acceptable unacceptable"] for w, _ in metaspace.pre_tokenize_str(p)})
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "▁": 3} | {w: i + 4 for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = metaspace, decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=512)
+    tok.save_pretrained(private_env / "flan-t5")
+    # Taught: the right word, half of them followed by a lone '▁' (decoded: 'acceptable ').
+    answers = [[vocab["▁acceptable" if y else "▁unacceptable"]] + ([3] if i % 2 else []) + [1]
+               for i, y in enumerate(rows["label"])]
+    expert = trained_tiny_t5(tok, prompts, [tok.decode(a) for a in answers])
+    theirs_answers = tok.batch_decode(expert.generate(tok(prompts, padding=True, return_tensors="pt")["input_ids"],
+                                                      max_length=10), skip_special_tokens=True)
+    assert any(a.endswith(" ") for a in theirs_answers)  # the case this test is about occurs
+    expert.save_pretrained(private_env / "flan-t5")
+    expert.save_pretrained(private_env / "experts" / "cola")
+    save_text_dataset(private_env / "data" / "cola", rows)
+    write_suite(private_env, {
+        "name": "t5-space", "family": {"kind": "flan_t5", "base": "../flan-t5", "experts": {"cola": "../experts/cola"}},
+        "tasks": [shipped_task("flan-t5-base-glue", "cola") | {"dataset": "../data/cola", "dataset_config": None}],
+        "references": {"computed": []}})
+    family = open_family("t5-space")
+    (row,) = fbh_rows(family, ["cola"], batch_size=4).values()
+    value = 100 * evaluate_accuracy(expert, fusion_bench_t5_loader(private_env, "cola", tok), tok)
+    assert row["value"] == pytest.approx(value, abs=1e-9)
+    stripped = 100 * np.mean([a.strip() == ("acceptable" if y else "unacceptable")
+                              for a, y in zip(theirs_answers, rows["label"])])
+    assert value < stripped  # stripping would have counted the spaced answers

@@ -147,7 +147,9 @@ class FlanT5Family(FamilyBase):
 
     # -- metrics -----------------------------------------------------------------
     def _texts(self, tokens: Tensor) -> list[str]:
-        return [s.strip() for s in self.tokenizer().batch_decode(tokens.tolist(), skip_special_tokens=True)]
+        # Compared as decoded, unstripped, as FusionBench's glue_evaluation compares them: an answer
+        # with a stray trailing space is no exact match there, so it is none here either.
+        return self.tokenizer().batch_decode(tokens.tolist(), skip_special_tokens=True)
 
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.tensor([float(o == t) for o, t in zip(self._texts(outputs), self._texts(targets))])
