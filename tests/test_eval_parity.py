@@ -328,7 +328,8 @@ def tiny_t5_suite(root: Path):
                             + list(glue_prompt_templates["cola"]["target_text"].values()))
     from transformers import T5ForConditionalGeneration
     expert = trained_tiny_t5(tok, [p for t in T5_ROWS for p in prompts[t]], [a for t in T5_ROWS for a in T5_TAUGHT[t]])
-    T5ForConditionalGeneration(expert.config).save_pretrained(root / "flan-t5")
+    torch.manual_seed(1)
+    T5ForConditionalGeneration(expert.config).save_pretrained(root / "flan-t5")  # an untrained base
     for task in T5_ROWS:
         expert.save_pretrained(root / "experts" / task)
         save_text_dataset(root / "data" / task, T5_ROWS[task])
@@ -505,3 +506,23 @@ def test_flan_t5_exact_match_keeps_trailing_spaces_as_fusion_bench(private_env):
     stripped = 100 * np.mean([a.strip() == ("acceptable" if y else "unacceptable")
                               for a, y in zip(theirs_answers, rows["label"])])
     assert value < stripped  # stripping would have counted the spaced answers
+
+
+def test_flan_t5_spearman_of_constant_answers_is_0_where_fusion_bench_gives_nan(private_env):
+    """The one deliberate difference in the Flan-T5 metrics: when every answer parses to the same
+    number (typically all unparseable, read as 0), Spearman's rho is undefined; scipy, so FusionBench,
+    gives NaN, fbh gives 0 (no rank agreement). No published row is NaN, so no paper number depends
+    on it; a NaN would leave the row out of every average and ranking."""
+    from transformers import T5ForConditionalGeneration
+    from fusion_bench.tasks.flan_t5_text_generation.glue_evaluation import evaluate_spearman_rho
+    from harness.evaluate import Predictor, evaluate
+    tok = tiny_t5_suite(private_env)
+    family = open_family("t5-parity")
+    base = T5ForConditionalGeneration.from_pretrained(private_env / "flan-t5").eval()
+    inputs, _ = family.eval_data("stsb", "validation")
+    answers = family._texts(family.predict(Predictor([family.build(family.base_state())]), "stsb", inputs, 4))
+    assert len(set(answers)) == 1  # the untrained base answers alike (here: nothing) to every prompt
+    (row,) = evaluate(Predictor([family.build(family.base_state())]), family, [("stsb", "seen")], batch_size=4)
+    with pytest.warns(Warning):
+        theirs = evaluate_spearman_rho(base, fusion_bench_t5_loader(private_env, "stsb", tok), tok)
+    assert np.isnan(theirs) and row.value == 0.0
