@@ -526,3 +526,27 @@ def test_flan_t5_spearman_of_constant_answers_is_0_where_fusion_bench_gives_nan(
     with pytest.warns(Warning):
         theirs = evaluate_spearman_rho(base, fusion_bench_t5_loader(private_env, "stsb", tok), tok)
     assert np.isnan(theirs) and row.value == 0.0
+
+
+def test_nyuv2_miou_skips_classes_absent_from_truth_and_prediction_where_fusion_bench_gives_nan():
+    """The one deliberate NYUv2 difference: a class in neither truth nor prediction has no IoU.
+    fusion-bench's plain mean over classes is then NaN; fbh averages the classes that occur. On the
+    full NYUv2 test set every class occurs, so Table 4's mIoU is the same either way (as here, once
+    every class occurs)."""
+    from fusion_bench.metrics.nyuv2 import metric_classes
+    from harness.families.resnet_nyuv2 import SEGMENTATION, metric_of_sums, per_image_sums
+    g = torch.Generator().manual_seed(0)
+    for present in (12, 13):  # classes 0..present-1 occur
+        target = torch.randint(0, present, (3, 8, 8), generator=g)
+        logits = torch.randn(3, 13, 8, 8, generator=g)
+        logits[:, present:] = -1e9  # never predicted either
+        ours = metric_of_sums("miou", per_image_sums(SEGMENTATION, logits.argmax(1), target, 13).sum(0))
+        theirs = metric_classes["segmentation"]()
+        theirs.update(logits, target.float())
+        miou, pixel_accuracy = theirs.compute()
+        assert metric_of_sums("pixel_accuracy", per_image_sums(SEGMENTATION, logits.argmax(1), target, 13).sum(0)) \
+            == pytest.approx(100 * float(pixel_accuracy), rel=1e-6)
+        if present == 13:
+            assert ours == pytest.approx(100 * float(miou), rel=1e-6)
+        else:
+            assert torch.isnan(miou) and 0 < ours < 100
