@@ -22,7 +22,8 @@ import torch
 import yaml
 
 from conftest import REPO, save_random_image_datasets
-from test_families import byte_vocab, perturbed, save_text_dataset, tiny_t5_tokenizer, write_suite
+from test_families import byte_vocab, perturbed, save_text_dataset, write_suite
+from test_nyuv2 import N as NYUV2_N, nyuv2_env  # noqa: F401 -- the tiny dilated ResNet suite fixture
 
 pytestmark = pytest.mark.slow
 fusion_bench = pytest.importorskip("fusion_bench")
@@ -226,8 +227,8 @@ def fusion_bench_gpt2_pool(root: Path):
     pool = GPT2TextClassificationTaskPool(test, tokenizer=tokenizer_config, dataloader_kwargs={"batch_size": 4},
                                           fast_dev_run=False)
     models = DictConfig({t: {"pretrained_model_name_or_path": str(root / "experts" / t)} for t in GPT2_ROWS})
-    pool._program = type("Program", (), {"modelpool": GPT2ForSequenceClassificationPool(models=models,
-                                                                                          tokenizer=tokenizer_config)})()
+    modelpool = GPT2ForSequenceClassificationPool(models=models, tokenizer=tokenizer_config)
+    pool._program = type("Program", (), {"modelpool": modelpool})()  # where the pool looks for its classifiers
     return pool
 
 
@@ -386,8 +387,8 @@ def test_flan_t5_glue_matches_fusion_bench_evaluation(private_env):
         model = T5ForConditionalGeneration.from_pretrained(private_env / "experts" / task).eval()
         ours = family._texts(family.predict(Predictor([family.build(family.expert_state(task))]), task, inputs, 4))
         with torch.no_grad():
-            theirs = [s for b in batches
-                      for s in tok.batch_decode(model.generate(b["input_ids"], max_length=10), skip_special_tokens=True)]
+            generated = [model.generate(b["input_ids"], max_length=10) for b in batches]
+            theirs = [s for g in generated for s in tok.batch_decode(g, skip_special_tokens=True)]
         assert ours == theirs
 
         if task == "stsb":
@@ -402,7 +403,6 @@ def test_flan_t5_glue_matches_fusion_bench_evaluation(private_env):
 
 # ----------------------------------------------------------------------------- NYUv2
 
-from test_nyuv2 import N as NYUV2_N, nyuv2_env  # noqa: E402,F401 -- the tiny dilated ResNet suite fixture
 
 NYUV2_METRICS = {  # fbh metric -> (fusion-bench metric class, index in its compute(), fbh's unit factor)
     "miou": ("segmentation", 0, 100), "pixel_accuracy": ("segmentation", 1, 100),

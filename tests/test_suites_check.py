@@ -77,7 +77,8 @@ def test_incomplete_snapshots_and_unmet_pins_are_missing(private_env, monkeypatc
     assert base.location is not None and not base.present
     assert base.missing == ("*.safetensors", "tokenizer.json|vocab.json|spiece.model")
     assert base.fetch == "hf download org/base"
-    assert not expert.present and expert.revision == PIN and expert.fetch == f"hf download org/cola-expert --revision {PIN}"
+    assert not expert.present and expert.revision == PIN
+    assert expert.fetch == f"hf download org/cola-expert --revision {PIN}"
     assert not data.present and data.fetch == f"hf download org/glue --repo-type dataset --revision {PIN}"
 
 
