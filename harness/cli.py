@@ -198,6 +198,49 @@ def suites_list():
         click.echo(f"{name:24s} {status:11s} {len(spec.tasks):2d} tasks  {spec.family.kind:14s} {why}")
 
 
+@suites.command("check")
+@click.argument("name")
+@click.option("--commands", "commands_only", is_flag=True,
+              help="print only the `hf download` lines for what is missing (pipe them to sh)")
+def suites_check(name, commands_only):
+    """List every model and dataset suite NAME reads: id, revision, expected files, whether each is
+    here (local path or HF cache, looked up offline) and how to fetch the rest. Exit 0 only when
+    the suite can run."""
+    from harness.runner import find_suite
+    from harness.suites import check_suite
+    spec, path = find_suite(name)
+    check = check_suite(spec, path)
+    if commands_only:
+        for command in check.fetch_commands():
+            click.echo(command)
+        sys.exit(0 if check.runnable else 1)
+    for i in check.inputs:
+        state = "present" if i.present else ("incomplete" if i.location else "missing")
+        revision = i.revision or "-"
+        if i.revision and not i.pinned:
+            revision += " (local cache, unpinned)"
+        click.echo(f"{state:10s} {i.repo_type:7s} {i.ref}  [{i.field}]")
+        click.echo(f"           revision {revision}; expects {', '.join('|'.join(g) for g in i.expected)}")
+        if i.location:
+            click.echo(f"           at {i.location}" + (f"; lacks {', '.join(i.missing)}" if i.missing else ""))
+    if check.note:
+        click.echo(f"note: {check.note}")
+    if check.blocker:
+        click.echo(f"blocked: {check.blocker}")
+    commands = check.fetch_commands()
+    local = [i for i in check.inputs if not i.present and not i.fetch]
+    if commands:
+        click.echo("\nto fetch what is missing:")
+        click.echo("\n".join(f"  {c}" for c in commands))
+    for i in local:
+        click.echo(f"local path {i.ref} [{i.field}] is not there: create or convert it (README)")
+    ready = sum(i.present for i in check.inputs)
+    click.echo(f"\n{name}: {ready}/{len(check.inputs)} inputs present; "
+               + ("can run" if check.runnable else "cannot run yet"))
+    if not check.runnable:
+        sys.exit(1)
+
+
 @main.group()
 def methods():
     """Inspect fusion methods."""

@@ -5,6 +5,7 @@ touching the network, so `fbh suites list` and `fbh submit` answer at once."""
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,3 +78,125 @@ def require_available(spec: SuiteSpec, file: Path) -> None:
         raise SuiteUnavailable(f"suite '{spec.name}' is unavailable: '{missing[0]}'{more} not found locally "
                                "(no local path, not in the HuggingFace cache)", file=str(file),
                                fix=REAL_SUITES_FIX)
+
+
+# ----------------------------------------------------------------------------- fbh suites check
+# Every input a suite reads, where it is on this machine, and how to fetch what is missing: the
+# answer to "can this suite run here, and if not, what do I download?", offline.
+
+WEIGHTS = ("*.safetensors",)
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")
+TOKENIZER = ("tokenizer.json", "vocab.json", "spiece.model")  # fast, BPE (CLIP, GPT-2) or sentencepiece (T5)
+HUB_DATA = ("*.parquet", "**/*.parquet", "*.arrow", "**/*.arrow")
+SAVED_DATA = ("dataset_dict.json", "state.json")  # datasets' save_to_disk folders
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """One model or dataset input of a suite, as found on this machine."""
+    field: str                      # where the suite names it, e.g. family.experts.eurosat
+    ref: str                        # the hub id or path as written
+    repo_type: str                  # 'model' or 'dataset'
+    revision: str | None            # the pin, else the commit the local HF cache resolves, else None
+    pinned: bool
+    expected: tuple[tuple[str, ...], ...]  # files the family reads: each group is satisfied by any one pattern
+    location: str | None            # the local folder or file (HF snapshot or path), None when absent
+    missing: tuple[str, ...]        # expected groups not found at location, as 'a|b'
+    fetch: str | None               # the command that fetches it; None for local paths
+
+    @property
+    def present(self) -> bool:
+        return self.location is not None and not self.missing
+
+
+@dataclass(frozen=True)
+class SuiteCheck:
+    name: str
+    inputs: list[InputCheck]
+    blocker: str | None             # what stops the suite regardless of its inputs (a missing library)
+    note: str | None                # e.g. that a zoo builds offline
+
+    @property
+    def runnable(self) -> bool:
+        return self.blocker is None and all(i.present for i in self.inputs)
+
+    def fetch_commands(self) -> list[str]:
+        return list(dict.fromkeys(i.fetch for i in self.inputs if not i.present and i.fetch))
+
+
+def expected_files(spec: SuiteSpec, field: str, repo_type: str, local: bool) -> tuple[tuple[str, ...], ...]:
+    """What the family loads from one input: config and weights for a model (safetensors unless the
+    suite allows pickles), the tokenizer and image processor where the base provides them, data files."""
+    if repo_type == "dataset":
+        return (SAVED_DATA,) if local else (HUB_DATA,)
+    fam = spec.family
+    weights = WEIGHTS + (PICKLED_WEIGHTS if fam.allow_pickle else ())
+    if fam.kind == "open_clip_vision":
+        return (weights,)  # open_clip's folders and single checkpoint files differ; weights are what all share
+    groups = [("config.json", "adapter_config.json"), weights]  # adapter: a LoRA expert (peft)
+    provides_text = field == ("family.processor" if fam.processor else "family.base")
+    if provides_text and fam.kind in ("gpt2_classification", "flan_t5"):
+        groups.append(TOKENIZER)
+    if provides_text and fam.kind == "clip_vision":
+        groups.append(("preprocessor_config.json",))
+        if fam.heads == "zero_shot":
+            groups.append(TOKENIZER)
+    if field == "family.processor":
+        groups = groups[2:]  # a processor-only reference needs no weights
+    return tuple(groups)
+
+
+def _found(location: Path, group: tuple[str, ...]) -> bool:
+    if location.is_file():
+        return True  # a single-file input (heads, an open_clip checkpoint) is its own content
+    return any(next(location.glob(pattern), None) is not None for pattern in group)
+
+
+def _hub_snapshot(repo_id: str, repo_type: str, revision: str | None) -> Path | None:
+    """The local snapshot folder of a hub repo at revision (a pin, else refs/main), offline."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(repo_id, repo_type=repo_type, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def hf_download_command(repo_id: str, repo_type: str, revision: str | None) -> str:
+    return (f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+            + (f" --revision {revision}" if revision else ""))
+
+
+def check_input(spec: SuiteSpec, file: Path, field: str, ref: str, repo_type: str) -> InputCheck:
+    from harness.identity import revision_for
+    resolved = Resolver(file, None)(ref, field)
+    pin = revision_for(spec, ref, repo_type)
+    local = ref.startswith(("/", "./", "../"))
+    if local:
+        location = Path(resolved) if Path(resolved).exists() else None
+        revision, fetch = None, None
+    else:
+        location = _hub_snapshot(resolved, repo_type, pin)
+        revision = pin or (location.name if location is not None else None)
+        fetch = hf_download_command(resolved, repo_type, pin)
+    expected = expected_files(spec, field, repo_type, local)
+    missing = tuple("|".join(g) for g in expected if location is None or not _found(location, g))
+    return InputCheck(field, ref, repo_type, revision, pin is not None, expected,
+                      str(location) if location is not None else None, missing, fetch)
+
+
+def check_suite(spec: SuiteSpec, file: Path) -> SuiteCheck:
+    """Every model and dataset the suite reads, checked offline against local paths and the HF cache."""
+    from harness.identity import model_refs
+    library = missing_library(spec)
+    blocker = f"needs the '{library[0]}' package: {library[1]}" if library else None
+    note = None
+    if spec.family.zoo is not None:
+        note = "its zoo (models and data under zoo://) builds offline on first use: `fbh zoo build`"
+    seen, inputs = set(), []
+    for field, ref, repo_type in model_refs(spec):
+        if ref.startswith(ZOO_PREFIX) or (ref, repo_type) in seen:
+            continue
+        seen.add((ref, repo_type))
+        inputs.append(check_input(spec, file, field, ref, repo_type))
+    return SuiteCheck(spec.name, inputs, blocker, note)

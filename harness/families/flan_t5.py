@@ -147,7 +147,9 @@ class FlanT5Family(FamilyBase):
 
     # -- metrics -----------------------------------------------------------------
     def _texts(self, tokens: Tensor) -> list[str]:
-        return [s.strip() for s in self.tokenizer().batch_decode(tokens.tolist(), skip_special_tokens=True)]
+        # Compared as decoded, unstripped, as FusionBench's glue_evaluation compares them: an answer
+        # with a stray trailing space is no exact match there, so it is none here either.
+        return self.tokenizer().batch_decode(tokens.tolist(), skip_special_tokens=True)
 
     def score(self, task: str, outputs: Tensor, targets: Tensor) -> Tensor:
         return torch.tensor([float(o == t) for o, t in zip(self._texts(outputs), self._texts(targets))])
@@ -162,7 +164,9 @@ class FlanT5Family(FamilyBase):
         def spearman(idx: Tensor) -> float:
             p, g = preds[idx], gold[idx]
             if p.min() == p.max() or g.min() == g.max():
-                return 0.0  # constant outputs (e.g. all unparseable) have no rank correlation: count none, not NaN
+                # Constant outputs (e.g. all unparseable) have no rank correlation: count none. FusionBench's
+                # scipy call gives NaN here, which no published row is (tests/test_eval_parity.py).
+                return 0.0
             return 100 * float(spearmanr(p.numpy(), g.numpy()).statistic)
         return spearman
 
