@@ -226,3 +226,72 @@ def test_missing_files_and_unknown_suite(tmp_path, seeded_db, fbh_env):
     assert res.exit_code == 2 and "unknown suite 'nope'" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["leaderboard", "--suite", "tiny-small", "--db", str(tmp_path / "none.db")])
     assert res.exit_code == 2 and "fix:" in res.output
+
+
+def _random_bytes(path):
+    path.write_bytes(bytes(range(256)) * 40)
+
+
+def _sqlite(path):
+    import sqlite3
+    con = sqlite3.connect(str(path))
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+
+
+def _other_duckdb(path):
+    import duckdb
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE orders (id INTEGER)")
+    con.close()
+
+
+def _truncated(path):
+    from harness.store import Store
+    Store(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+BAD_DATABASES = [("a-folder", lambda p: p.mkdir()), ("random-bytes", _random_bytes),
+                 ("empty-file", lambda p: p.write_bytes(b"")), ("sqlite-file", _sqlite),
+                 ("another-programs-duckdb", _other_duckdb), ("truncated", _truncated)]
+
+
+@pytest.mark.parametrize("case,make", BAD_DATABASES, ids=[c[0] for c in BAD_DATABASES])
+def test_a_bad_results_database_is_one_clear_error(case, make, tmp_path, fbh_env):
+    """Never a traceback or a silent write into someone else's file: one message with the file and the fix."""
+    import time
+    db = tmp_path / "results.duckdb"
+    make(db)
+    before = db_fingerprint(db) if db.is_file() else None
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    for args in (["leaderboard", "--suite", "tiny-small"], ["submit", str(sub)], ["site", "build", "--out",
+                                                                                   str(tmp_path / "site")]):
+        started = time.monotonic()
+        res = CliRunner().invoke(main, [*args, "--db", str(db)])
+        assert res.exit_code == 2 and "Traceback" not in res.output, (args, res.output)
+        assert str(db) in res.output and "fix:" in res.output and time.monotonic() - started < 60
+    if case != "a-folder":
+        assert db_fingerprint(db) == before
+
+
+def test_a_cached_resubmit_works_on_a_read_only_database(tmp_path, fbh_env):
+    import os
+    import stat
+    db = tmp_path / "ro" / "results.duckdb"
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    assert CliRunner().invoke(main, ["submit", str(sub), "--db", str(db), "--quiet"]).exit_code == 0
+    before = db_fingerprint(db)
+    os.chmod(db, stat.S_IRUSR)
+    os.chmod(db.parent, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        res = CliRunner().invoke(main, ["submit", str(sub), "--db", str(db), "--quiet"])
+        assert res.exit_code == 0 and res.output.count("cached") == 5, res.output
+        assert db_fingerprint(db) == before
+    finally:
+        os.chmod(db.parent, stat.S_IRWXU)
+        os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
