@@ -355,7 +355,9 @@ def fusion_bench_t5_loader(root: Path, task: str, tok):
     preprocessor = glue_processors[task](template=glue_prompt_templates[task], tokenizer=tok,
                                          tokenizer_kwargs={"padding": "max_length", "truncation": True,
                                                            "return_tensors": "pt"})
-    ds = split.map(preprocessor, batched=True, remove_columns=split.column_names, num_proc=1)
+    # No num_proc: with it, datasets replaces os.environ by a plain copy, so later changes to the environment
+    # (and every test fixture restoring it) act on an object no one reads.
+    ds = split.map(preprocessor, batched=True, remove_columns=split.column_names)
     return DataLoader(ds, batch_size=4, shuffle=False, collate_fn=default_data_collator)
 
 
