@@ -112,7 +112,9 @@ def entropy_sweep(fam, ctx, tasks, limit) -> dict:
         expert_ent[t] = entropy_and_accuracy(fam, fam.build(ctx.expert(t)), tasks, limit)[0]
     for i, t in enumerate(tasks):
         own_lowest[t] = min(tasks, key=lambda e: expert_ent[e][i]) == t
-    return {"n": len(models), "spearman": spearman(ents, accs), "own_lowest": own_lowest,
+    points = [(info.name, params.get("scaling_factor"), len(subset), round(e, 3), round(a, 1))
+              for (info, params, subset), e, a in zip(models, ents, accs)]
+    return {"n": len(models), "spearman": spearman(ents, accs), "own_lowest": own_lowest, "points": points,
             "acc_range": (min(accs), max(accs))}
 
 
