@@ -8,13 +8,15 @@ computes with weights theta_pre + sum_i r_i(x) tau_i, where r is a small router 
 the block input (averaged over tokens) initialised so that r_i = init_lambda (task
 arithmetic). Only the routers are trained: Adam on the summed prediction entropy of
 every task's unlabelled test inputs (data access: unlabeled_test; labels are never
-seen). Defaults are the paper's / FusionBench's (router_hidden_layers 2, init_lambda 0.3,
-lr 1e-4, batch 16, 1000 steps); fbh merges weights per example, where FusionBench's
-batch_reduce averages routing over the batch.
+seen), each task's inputs shuffled epoch after epoch in an order seeded by the run's seed
+and the task's name (as AdaMerging's are). The parameter defaults are the paper's /
+FusionBench's (router_hidden_layers 2, init_lambda 0.3, lr 1e-4, batch 16, 1000 steps);
+a submission may run other settings to fit a suite's fusion budget and says so in its
+description. fbh merges weights per example, where FusionBench's batch_reduce averages
+routing over the batch.
 """
 
 import copy
-import itertools
 
 import torch
 from pydantic import Field
@@ -22,6 +24,7 @@ from pydantic import Field
 from harness.api import FusionContext, Params, method
 from harness.moe import WeightEnsemblingMLP, mlp_names, set_submodule, sub_state
 from harness.tensors import apply_delta
+from methods._adamerging import endless_inputs
 from methods._common import sum_task_vectors
 
 
@@ -36,11 +39,6 @@ class WeMoEParams(Params):
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = logits.log_softmax(dim=-1)
     return -(logp.exp() * logp).sum(-1).mean()
-
-
-def endless_batches(ctx: FusionContext, task: str, batch_size: int):
-    for _ in itertools.count():
-        yield from (x for x, _ in ctx.batches(task, "test", batch_size))
 
 
 def build_we_moe(ctx: FusionContext, p: WeMoEParams) -> torch.nn.Module:
@@ -65,7 +63,7 @@ def we_moe(ctx: FusionContext, p: WeMoEParams):
     for prm in routers:
         prm.requires_grad_(True)
     optimizer = torch.optim.Adam(routers, lr=p.lr)
-    streams = {t: endless_batches(ctx, t, p.batch_size) for t in ctx.tasks}
+    streams = {t: endless_inputs(ctx, t, p.batch_size) for t in ctx.tasks}
     model.train()
     for _ in range(p.max_steps):
         loss = sum(entropy(ctx.logits(model, t, next(streams[t]))) for t in ctx.tasks)

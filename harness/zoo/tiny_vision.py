@@ -39,11 +39,22 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "pretrain_batch": 64,
     "pretrain_pool": 4096,
     "finetune_steps": 150,
-    "finetune_lr": 3e-4,
+    # Small steps: smaller, more linear task vectors that interfere less when merged (as for
+    # real CLIP, fine-tuned at lr 1e-5); at 3e-4 task arithmetic fell below the pre-trained model.
+    "finetune_lr": 1e-4,
     "finetune_batch": 32,
     "mtl_steps": 500,
     "head_examples": 400,
-    "logit_scale": 60.0,
+    # Heads like CLIP's zero-shot heads (see compute_heads): prototypes from head_shots labelled
+    # examples per class (0: all head_examples), behind a fixed whitening visual_projection fitted on
+    # calibration_examples unlabelled pre-trained features per task, with one logit_scale fitted by
+    # temperature scaling of the pre-trained model on those (labelled) calibration examples; a
+    # number fixes the scale instead. projection 'none' keeps the raw pooled features.
+    "head_shots": 8,
+    "calibration_examples": 200,
+    "projection": "whiten",
+    "whiten_shrink": 0.05,
+    "logit_scale": "fit",
     "weight_decay": 0.0,
 }
 
@@ -157,7 +168,7 @@ def gen_shapes(rng, n, *_):
     xs, ys = [], []
     for _ in range(n):
         k = int(rng.integers(8))
-        r = rng.uniform(6, 10)
+        r = rng.uniform(8.5, 11)  # large enough to span several patches: an expert can learn it confidently
         cy, cx = rng.uniform(r, IMAGE - r, size=2)
         img = _paint(_background(rng), _shape_mask(k, cy, cx, r, rng.uniform(-0.3, 0.3)), _color(rng))
         xs.append(img)
@@ -224,11 +235,11 @@ def gen_counting(rng, n, *_):
         color = _color(rng)
         placed = []
         while len(placed) < k + 1:
-            c = rng.uniform(3, IMAGE - 3, 2)
-            if all(np.abs(c - p).max() > 6 for p in placed):
+            c = rng.uniform(3.5, IMAGE - 3.5, 2)
+            if all(np.abs(c - p).max() > 7 for p in placed):
                 placed.append(c)
-        for cy, cx in placed:
-            img = _paint(img, _shape_mask(0, cy, cx, rng.uniform(1.8, 2.8)), color)
+        for cy, cx in placed:  # dots of 2.6-3.4 px radius: countable by an expert, not by the pre-trained heads
+            img = _paint(img, _shape_mask(0, cy, cx, rng.uniform(2.6, 3.4)), color)
         xs.append(img)
         ys.append(k)
     return xs, ys
@@ -279,7 +290,7 @@ TASKS: dict[str, tuple[Callable, list[str]]] = {
 
 def make_split(task: str, split: str, n: int, seed: int, bank) -> tuple[np.ndarray, np.ndarray]:
     gen, _ = TASKS[task]
-    offset = {"train": 0, "validation": 1, "test": 2, "pretrain": 3, "heads": 4}[split]
+    offset = {"train": 0, "validation": 1, "test": 2, "pretrain": 3, "heads": 4, "calibration": 5}[split]
     task_id = list(TASKS).index(task)
     rng = np.random.default_rng([seed, task_id, offset])
     xs, ys = gen(rng, n, bank, split == "test")
@@ -398,8 +409,10 @@ def make_model(recipe):
     return CLIPVisionModel(cfg)
 
 
-def features(model, pixels: torch.Tensor) -> torch.Tensor:
-    return F.normalize(model(pixel_values=pixels).pooler_output, dim=-1)
+def features(model, pixels: torch.Tensor, projection: torch.Tensor | None = None) -> torch.Tensor:
+    """What the clip_vision family computes before the heads: normalize(pooled @ projection.T)."""
+    pooled = model(pixel_values=pixels).pooler_output
+    return F.normalize(pooled if projection is None else pooled @ projection.T, dim=-1)
 
 
 def save_processor(path: Path) -> None:
@@ -474,16 +487,93 @@ def check_finite(model, label: str) -> None:
         raise FloatingPointError(f"{label} diverged: non-finite weights in {bad[:3]}; lower the learning rate")
 
 
+@dataclass
+class Heads:
+    """What heads.safetensors holds: one [classes, dim] prototype matrix per task, the fixed
+    visual_projection [dim, hidden] (None: raw pooled features) and the logit scale."""
+    protos: dict[str, torch.Tensor]
+    projection: torch.Tensor | None
+    scale: float
+
+    def logits(self, model, task: str, pixels: torch.Tensor) -> torch.Tensor:
+        return self.scale * features(model, pixels, self.projection) @ self.protos[task].T
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = dict(self.protos)
+        if self.projection is not None:
+            out["visual_projection"] = self.projection.contiguous()
+        return out
+
+
+def whitening(pooled: torch.Tensor, shrink: float) -> torch.Tensor:
+    """A fixed projection under which the pre-trained pooled features have (shrunk) identity second
+    moment: P = (S + shrink * mean(S))^-1/2 U^T for E[x x^T] = U S U^T. Uncentred, because the
+    family's projection has no bias: the direction every image shares (what made raw prototypes
+    nearly parallel) is scaled down with the rest of the dominant ones. Signs fixed for determinism."""
+    x = pooled.double()
+    second = x.T @ x / len(x)
+    evals, evecs = torch.linalg.eigh(second)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    evecs = evecs * torch.where(evecs.sum(0) < 0, -1.0, 1.0)  # a sign convention: each column sums >= 0
+    scale = (evals + shrink * evals.mean()).rsqrt()
+    return (scale[:, None] * evecs.T).float().contiguous()
+
+
+def fit_logit_scale(cosines: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
+    """Temperature scaling: the one scale s minimising the pre-trained model's mean NLL of
+    s * cosine over every task's calibration examples (tasks weighted equally); a deterministic
+    grid over log s, refined twice."""
+    lo, hi = math.log(1.0), math.log(200.0)
+    for _ in range(3):
+        grid = torch.linspace(lo, hi, 81, dtype=torch.float64)
+        nll = torch.stack([sum(F.cross_entropy(c.double() * g.exp(), y) for c, y in zip(cosines, labels))
+                           for g in grid])
+        best = int(nll.argmin())
+        step = (hi - lo) / 80
+        lo, hi = float(grid[best]) - step, float(grid[best]) + step
+    return round(math.exp(float(grid[best])), 4)
+
+
+def prototype_examples(x: np.ndarray, y: np.ndarray, classes: int, shots: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `shots` examples of every class (all of them for shots 0)."""
+    if shots <= 0:
+        return x, y
+    keep = np.concatenate([np.flatnonzero(y == c)[:shots] for c in range(classes)])
+    return x[np.sort(keep)], y[np.sort(keep)]
+
+
 @torch.no_grad()
-def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]],
+                  calibration: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  recipe: dict[str, Any] | None = None) -> Heads:
+    """The analogue of CLIP's zero-shot heads, from the pre-trained model alone (never the
+    experts, never a test split): a whitening projection fitted on the unlabelled calibration
+    images of every task, per class the normalised mean of its projected, normalised prototype
+    examples, and one logit scale fitted by temperature scaling on the calibration examples
+    (so the pre-trained model's confidence tracks its accuracy, as CLIP's does)."""
+    recipe = recipe or {}
     model.eval()
-    heads = {}
+    pooled = {t: model(pixel_values=to_pixels(x)).pooler_output for t, (x, _) in (calibration or data).items()}
+    projection = None
+    if recipe.get("projection", "none") == "whiten":
+        projection = whitening(torch.cat(list(pooled.values())), float(recipe.get("whiten_shrink", 0.05)))
+    elif recipe.get("projection", "none") != "none":
+        raise ValueError(f"unknown projection {recipe['projection']!r}: use 'whiten' or 'none'")
+    protos = {}
     for task, (x, y) in data.items():
-        f = features(model, to_pixels(x))
         classes = len(TASKS[task][1])
-        protos = torch.stack([f[torch.from_numpy(y == c)].mean(0) for c in range(classes)])
-        heads[task] = F.normalize(protos, dim=-1).contiguous()
-    return heads
+        x, y = prototype_examples(x, y, classes, int(recipe.get("head_shots", 0)))
+        f = features(model, to_pixels(x), projection)
+        p = torch.stack([f[torch.from_numpy(y == c)].mean(0) for c in range(classes)])
+        protos[task] = F.normalize(p, dim=-1).contiguous()
+    scale = recipe.get("logit_scale", 60.0)
+    if scale == "fit":
+        if calibration is None:
+            raise ValueError("a fitted logit_scale needs calibration examples")
+        cos = [F.normalize(pooled[t] if projection is None else pooled[t] @ projection.T, dim=-1) @ protos[t].T
+               for t in calibration]
+        scale = fit_logit_scale(cos, [torch.from_numpy(y) for _, y in calibration.values()])
+    return Heads(protos, projection, float(scale))
 
 
 def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int, progress, label: str,
@@ -497,13 +587,12 @@ def finetune(base, recipe, tasks: list[str], data, heads, steps: int, seed: int,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     rng = np.random.default_rng([seed, 7])
     iters = {t: _batches(rng, len(data[t][1]), recipe["finetune_batch"]) for t in tasks}
-    scale = recipe["logit_scale"]
     for step in range(steps):
         loss = 0.0
         for t in (tasks if len(tasks) == 1 else [tasks[step % len(tasks)]]):
             idx = next(iters[t])
             x, y = data[t]
-            logits = scale * features(model, to_pixels(x[idx])) @ heads[t].T
+            logits = heads.logits(model, t, to_pixels(x[idx]))
             loss = loss + F.cross_entropy(logits, torch.from_numpy(y[idx]))
         opt.zero_grad()
         loss.backward()
@@ -577,9 +666,12 @@ def _train_and_save(out: Path, recipe, tasks, data, bank, progress, tick, starte
     save_processor(out / "pretrained")
 
     head_data = {t: head_examples(t, recipe["head_examples"], seed, bank) for t in tasks}
-    heads = compute_heads(base, head_data)
-    save_file(heads, str(out / "heads.safetensors"),
-              metadata={"logit_scale": str(recipe["logit_scale"]), "kind": "prototype"})
+    calibration = {t: make_split(t, "calibration", recipe["calibration_examples"], seed, bank) for t in tasks}
+    heads = compute_heads(base, head_data, calibration, recipe)
+    save_file(heads.tensors(), str(out / "heads.safetensors"),
+              metadata={"logit_scale": repr(heads.scale), "kind": "prototype",
+                        "projection": str(recipe["projection"])})
+    progress(f"heads: projection {recipe['projection']}, logit scale {heads.scale:g}")
 
     # The longest job first, so two workers finish together.
     jobs = [FinetuneJob("MTL", tuple(tasks), recipe["mtl_steps"], seed + 100, out / "mtl")] + [
