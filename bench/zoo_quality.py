@@ -19,7 +19,6 @@ the entropy sweep on the first 200 test inputs per task: for iteration, not for 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import sys

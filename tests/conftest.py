@@ -28,6 +28,18 @@ def pytest_runtest_setup(item):
         pytest.skip("needs the openclip extra (open_clip), installed in its own environment: see README")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and on a shared, loaded machine every op
+    waits on descheduled threads (a 16-wide T5 forward: 0.75 s with 2, 15 ms with 1). A module asks for
+    it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_suite_spec(name: str = "tiny-small") -> dict:
     return {
         "name": name,

@@ -25,19 +25,12 @@ from conftest import REPO, save_random_image_datasets
 from test_families import byte_vocab, perturbed, save_text_dataset, write_suite
 from test_nyuv2 import N as NYUV2_N, nyuv2_env  # noqa: F401 -- the tiny dilated ResNet suite fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 fusion_bench = pytest.importorskip("fusion_bench")
 
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads on a shared machine (see test_families)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def shipped_task(suite: str, task: str) -> dict:

@@ -16,17 +16,9 @@ import yaml
 from conftest import save_random_image_datasets
 from harness.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on a shared, loaded machine
-    every op waits on descheduled threads (a 16-wide T5 forward: 0.75 s with 2, 15 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

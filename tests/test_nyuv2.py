@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from conftest import REPO
 from harness.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SIZE, N, CLASSES = 32, 6, 13
 OUT_CHANNELS = {"segmentation": CLASSES, "depth": 1, "normal": 3}
@@ -23,12 +23,6 @@ TASKS = {"segmentation": ("miou", ["pixel_accuracy"]), "depth": ("abs_err", ["re
          "normal": ("mean_angle", [])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_config():
