@@ -250,7 +250,7 @@ class Store:
                 delay = min(delay * 2, 1.0)
         try:
             yield con
-        except (duckdb.IOException, duckdb.PermissionException, OSError) as exc:
+        except (duckdb.IOException, duckdb.PermissionException) as exc:  # DuckDB's own I/O: the file's fault
             raise database_error(self.path, exc) from None
         finally:
             con.close()
