@@ -4,7 +4,8 @@ A file's digest is the sha256 of its bytes. Hashing a model is a full read, so t
 a file is remembered against its stat identity (device, inode, size, mtime and ctime, the
 last of which no user call can set back): a file rewritten in place, even with its mtime
 restored, is hashed again, and an unchanged one costs one stat. Cache files fbh writes carry
-the digest of their tensors in their own metadata and are checked on every read.
+the digest of their tensors in their own metadata and are checked when read: hashed once per
+process, then again only when the file's stat identity moves.
 
 Torch-free except `tensors_digest` / `save_verified` / `load_verified`, which import it lazily,
 so planning can ask for digests without importing torch.
