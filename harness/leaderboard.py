@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from harness.errors import FbhError
-from harness.spec import higher_is_better
+from harness.spec import higher_is_better, strip_invisible
 from harness.store import Store
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
@@ -188,17 +188,40 @@ def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None 
                           default=str)
     extra = extra_columns(entries)
     header = ["kind", "label", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "normalized"]
-    rows = [[e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", *[_fmt(e.scores.get(t)) for t in tasks],
+    rows = [[e.kind, shown_label(e), *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
              _fmt(e.average), _fmt(e.normalized)] for e in entries]
     if fmt == "csv":
         buf = io.StringIO()
-        csv.writer(buf).writerows([header, *rows])
+        csv.writer(buf).writerows([[csv_cell(c) for c in row] for row in [header, *rows]])
         return buf.getvalue()
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def shown_label(e: Entry) -> str:
+    label = strip_invisible(e.label)  # rows stored before such characters were refused
+    return label if e.status == "ok" else f"{label} (FAILED)"
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: it runs a text cell starting with = + - @ (or a tab or CR
+    before one) as a formula, so such text is quoted with a leading apostrophe. Numbers stay numbers."""
+    if not isinstance(value, str):
+        return value
+    if value[:1] in ("=", "+", "-", "@", "\t", "\r") and not _is_number(value):
+        return "'" + value
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def extra_columns(entries: list[Entry]) -> list[tuple[str, str]]:

@@ -85,8 +85,11 @@ def find_suite(name: str) -> tuple[SuiteSpec, Path]:
 
 
 def check_suite(suite: SuiteSpec, path: Path) -> SuiteSpec:
-    """Checks that need the harness's registries: the family kind and the zoo builder and recipe."""
+    """Checks that need the harness's registries (the family kind, the zoo builder and its typed recipe)
+    or the disk (every local input is the kind of thing its field names): `fbh validate` and `fbh submit`
+    both make them, before anything is written."""
     from harness.families import FAMILIES
+    from harness.suites import check_local_inputs
     if suite.family.kind not in FAMILIES:
         raise FbhError(f"unknown model family '{suite.family.kind}'", file=str(path), field="family.kind",
                        fix=f"use one of: {', '.join(sorted(FAMILIES))}")
@@ -96,6 +99,7 @@ def check_suite(suite: SuiteSpec, path: Path) -> SuiteSpec:
             resolved_recipe(suite.family.zoo.builder, suite.family.zoo.recipe)
         except FbhError as exc:
             raise FbhError(exc.message, file=str(path), field=exc.field, fix=exc.fix) from None
+    check_local_inputs(suite, path)
     return suite
 
 
@@ -221,11 +225,11 @@ def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, setting: 
                  for point in grid_points(sub))
 
 
-def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec) -> None:
+def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = None) -> None:
     missing = [t.name for t in suite.tasks if t.validation_split is None]
     if sub.grid and missing:
         raise FbhError(f"a grid is selected on validation splits, but suite '{suite.name}' tasks {missing} "
-                       "declare none", field="grid", fix="submit fixed params, or declare validation splits")
+                       "declare none", file=file, field="grid", fix="submit fixed params, or declare validation splits")
 
 
 def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]], done_keys: set[str], *,
@@ -239,7 +243,7 @@ def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]]
             (out.cached if job.key in done_keys else out.todo).append(job)
         if sub is None:
             continue
-        check_grid_data(sub, suite)
+        check_grid_data(sub, suite, file)
         for setting, job in submission_jobs(sub, suite, on, file):
             if job.key in done_keys and not force:
                 out.cached.append(job)

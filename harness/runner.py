@@ -454,7 +454,7 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         if unknown:
             raise FbhError(f"unknown suites {unknown}", file=str(path), field="suites",
                            fix=f"use names from `fbh suites list`: {', '.join(suite_files())}")
-    names = suites or sub.suites or default_suites()
+    names = list(dict.fromkeys(suites or sub.suites or default_suites()))  # a suite named twice runs once
     if not names:
         raise FbhError("no suite to run", file=str(path), field="suites",
                        fix="pass --suite NAME or mark a suite `default: true`")

@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import jinja2
+from markupsafe import Markup
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import (Entry, condition_label, condition_labels, extra_columns, generalization,
-                                 other_fingerprints, relative_to_stl, robustness)
+from harness.leaderboard import (Entry, condition_label, condition_labels, csv_cell, extra_columns,
+                                 generalization, other_fingerprints, relative_to_stl, robustness)
 from harness.paths import REPO_ROOT
-from harness.spec import higher_is_better
+from harness.spec import higher_is_better, strip_invisible
 from harness.store import Store
 
 SITE_SOURCES = REPO_ROOT / "site"
@@ -71,16 +72,9 @@ class Table:
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow([c.title for c in self.columns])
-        writer.writerows([[_csv_value(cell.value if cell.value is not None else "") for cell in row]
+        writer.writerows([[csv_cell(cell.value if cell.value is not None else "") for cell in row]
                           for row in self.rows])
         return buf.getvalue()
-
-
-def _csv_value(value: Any) -> Any:
-    # A spreadsheet runs a text cell starting with = + - @ as a formula; user text must not.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def score(v: float | None) -> Cell:
@@ -388,10 +382,23 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
 
 # ----------------------------------------------------------------------------- rendering
 
+def _visible(value: Any) -> Any:
+    if isinstance(value, str):
+        return Markup(strip_invisible(value)) if isinstance(value, Markup) else strip_invisible(value)
+    if isinstance(value, dict):
+        return {_visible(k): _visible(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_visible(v) for v in value]
+    return value
+
+
 def environment() -> jinja2.Environment:
+    # finalize and the JSON policy drop invisible control characters from every value shown, from
+    # rows stored before specs refused them (harness.spec.INVISIBLE).
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(SITE_SOURCES / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
-                             trim_blocks=True, lstrip_blocks=True)
+                             trim_blocks=True, lstrip_blocks=True, finalize=_visible)
+    env.policies["json.dumps_function"] = lambda obj, **kw: json.dumps(_visible(obj), **kw)
     env.filters["score"] = lambda v: "" if v is None else f"{v:.1f}"
     env.filters["when"] = lambda v: "" if v is None else f"{v:%Y-%m-%d %H:%M} UTC"
     env.filters["mib"] = lambda v: "" if v is None else f"{v / 2 ** 20:,.0f} MiB"

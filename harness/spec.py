@@ -19,6 +19,18 @@ DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 NAME_FIX = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 
+# Caps on what a spec may ask for: generous for any real benchmark, finite so that a typo or a
+# hostile file is refused at once instead of queueing work without end (README, "What specs may hold").
+MAX_TASKS = 64
+MAX_LIST = 256              # corruptions, splits, published rows, metrics, columns, suites
+MAX_CLASSES = 100_000
+MAX_TEMPLATES = 1_000
+MAX_GRID_VALUES = 64        # values of one grid key
+MAX_GRID_KEYS = 8
+MAX_GRID_POINTS = 256       # fusions a grid search may queue per setting: the product of its sizes
+MAX_BUDGET_SECONDS = 7 * 24 * 3600
+
+
 class Strict(BaseModel):
     # strict: no silent coercion ('7' or `on` is not an integer); no inf/nan in any float.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -69,18 +81,20 @@ class TaskSpec(Strict):
     dataset: str = Field(description="HuggingFace dataset id, local path, or zoo://path")
     dataset_config: str | None = Field(None, description="dataset configuration name, e.g. GLUE's 'mrpc'")
     revision: str | None = Field(None, description="hub revision (a commit) of the dataset, checked when loaded")
-    input_columns: list[str] | None = Field(None, description="text or image columns the family reads, in order")
+    input_columns: list[str] | None = Field(None, max_length=MAX_LIST,
+                                            description="text or image columns the family reads, in order")
     label_column: str = "label"
     split: str = "test"
     validation_split: str | None = "validation"
     train_split: str | None = "train"
     metric: Metric = Field("accuracy", description="the primary metric: the one averages and rankings use")
-    extra_metrics: list[Metric] = Field(default_factory=list,
+    extra_metrics: list[Metric] = Field(default_factory=list, max_length=MAX_LIST,
                                         description="further metrics stored and shown per task, e.g. pixel accuracy")
     max_examples: int | None = Field(None, gt=0, le=10_000_000)
-    classes: list[str] | None = None
-    templates: list[str] | None = Field(None, description="prompt templates: CLIP '{c}' for the class name; "
-                                                        "text-to-text '{column}' for dataset columns")
+    classes: list[str] | None = Field(None, min_length=1, max_length=MAX_CLASSES)
+    templates: list[str] | None = Field(None, min_length=1, max_length=MAX_TEMPLATES,
+                                        description="prompt templates: CLIP '{c}' for the class name; "
+                                                    "text-to-text '{column}' for dataset columns")
 
     @model_validator(mode="after")
     def _distinct_metrics(self) -> "TaskSpec":
@@ -94,13 +108,14 @@ class CorruptionSpec(Strict):
     name: Literal["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter",
                   "contrast", "jpeg"]
     severity: int = Field(3, ge=1, le=5)
-    tasks: list[str] | None = Field(None, description="tasks whose test sets are corrupted; default all")
+    tasks: list[str] | None = Field(None, max_length=MAX_TASKS,
+                                    description="tasks whose test sets are corrupted; default all")
 
 
 class GeneralizationSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    seen: list[str] = Field(min_length=1)
-    unseen: list[str] = Field(min_length=1)
+    seen: list[str] = Field(min_length=1, max_length=MAX_TASKS)
+    unseen: list[str] = Field(min_length=1, max_length=MAX_TASKS)
     source: str | None = None
 
 
@@ -117,9 +132,17 @@ class PublishedRow(Strict):
 
 
 class ReferencesSpec(Strict):
-    computed: list[Literal["pretrained", "stl", "mtl"]] = Field(default_factory=lambda: ["pretrained", "stl"])
+    computed: list[Literal["pretrained", "stl", "mtl"]] = Field(default_factory=lambda: ["pretrained", "stl"],
+                                                                max_length=3)
     mtl: str | None = Field(None, description="multi-task model (required if 'mtl' is computed)")
-    published: list[PublishedRow] = Field(default_factory=list)
+    published: list[PublishedRow] = Field(default_factory=list, max_length=MAX_LIST)
+
+    @field_validator("computed")
+    @classmethod
+    def _computed_once(cls, computed: list[str]) -> list[str]:
+        if len(set(computed)) != len(computed):
+            raise ValueError(f"{computed} lists a reference twice; each is computed once, list it once")
+        return computed
 
 
 class SuiteSpec(Strict):
@@ -128,9 +151,9 @@ class SuiteSpec(Strict):
     description: str = ""
     default: bool = Field(False, description="run by `fbh submit` when no --suite is given")
     family: FamilySpec
-    tasks: list[TaskSpec] = Field(min_length=1)
-    corruptions: list[CorruptionSpec] = Field(default_factory=list)
-    generalization: list[GeneralizationSpec] = Field(default_factory=list)
+    tasks: list[TaskSpec] = Field(min_length=1, max_length=MAX_TASKS)
+    corruptions: list[CorruptionSpec] = Field(default_factory=list, max_length=MAX_LIST)
+    generalization: list[GeneralizationSpec] = Field(default_factory=list, max_length=MAX_LIST)
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     eval_batch_size: int = Field(256, ge=1, le=65536)
     precision: Literal["float32", "bfloat16", "float16"] = Field(
@@ -138,8 +161,9 @@ class SuiteSpec(Strict):
                                "are cast to it when loaded, merges accumulate in float32 and round to it; one "
                                "precision per suite keeps every row of its leaderboard comparable")
     fusion_budget_seconds: float | None = Field(
-        None, gt=0, description="wall-clock seconds one run's fusion may take (for a CPU suite, on 2 cores); "
-                                "a run over it fails, naming the time it took")
+        None, gt=0, le=MAX_BUDGET_SECONDS,
+        description="wall-clock seconds one run's fusion may take (for a CPU suite, on 2 cores); "
+                    "a run over it fails, naming the time it took")
 
     @model_validator(mode="after")
     def _consistent(self) -> "SuiteSpec":
@@ -200,7 +224,7 @@ class SubmissionSpec(Strict):
     grid: dict[str, GridValue] = Field(default_factory=dict,
                                        description="values to select on the validation split")
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    suites: list[str] | None = None
+    suites: list[str] | None = Field(None, max_length=MAX_LIST)
 
     @field_validator("url")
     @classmethod
@@ -209,16 +233,32 @@ class SubmissionSpec(Strict):
             raise ValueError("url must start with http:// or https://")
         return v
 
+    @field_validator("grid")
+    @classmethod
+    def _grid_bounded(cls, grid: dict[str, GridValue]) -> dict[str, GridValue]:
+        if len(grid) > MAX_GRID_KEYS:
+            raise ValueError(f"the grid searches {len(grid)} hyperparameters; at most {MAX_GRID_KEYS} are allowed")
+        points = 1
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{key} is empty; give at least one value")
+            if len(values) > MAX_GRID_VALUES:
+                raise ValueError(f"grid.{key} has {len(values)} values; at most {MAX_GRID_VALUES} are allowed")
+            repeated = [v for i, v in enumerate(values) if v in values[:i]]
+            if repeated:
+                raise ValueError(f"grid.{key} lists {repeated[0]!r} twice; each value is one fusion, list it once")
+            points *= len(values)
+        if points > MAX_GRID_POINTS:
+            sizes = " x ".join(str(len(v)) for v in grid.values())
+            raise ValueError(f"the grid has {points} points ({sizes}), each one fusion per setting; at most "
+                             f"{MAX_GRID_POINTS} are allowed: search fewer values")
+        return grid
+
     @model_validator(mode="after")
     def _grid_disjoint(self) -> "SubmissionSpec":
         both = sorted(set(self.params) & set(self.grid))
         if both:
             raise ValueError(f"{both} appear in both params and grid; give each hyperparameter once")
-        for key, values in self.grid.items():
-            if not values:
-                raise ValueError(f"grid.{key} is empty; give at least one value")
-            if len(values) > 64:
-                raise ValueError(f"grid.{key} has {len(values)} values; at most 64 are allowed")
         return self
 
 
@@ -344,7 +384,35 @@ def validation_error(exc: ValidationError, file: str, what: str) -> FbhError:
     return FbhError(msg, file=file, field=field, fix=fix)
 
 
+# Characters that change how the text around them is shown without being seen: bidirectional
+# overrides and isolates (a label that reads "cba" but sorts and links as "abc"), zero-width spaces,
+# and control characters other than tab and newline (ANSI escapes rewrite the terminal). The
+# zero-width joiners U+200C/U+200D are kept: scripts such as Persian and emoji sequences need them.
+INVISIBLE = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f\u061c\u180e\u200b\u200e\u200f"
+                       "\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def strip_invisible(text: str) -> str:
+    """Text as shown to people: without the characters of INVISIBLE (for rows stored before they were refused)."""
+    return INVISIBLE.sub("", text)
+
+
+def check_visible_text(data: Any, file: str, loc: tuple = ()) -> None:
+    """Refuse INVISIBLE characters anywhere in a spec: in names, labels, titles and descriptions they
+    would disguise what the site and the CLI show; nowhere else does a spec need them."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        for text in (key, value):
+            found = INVISIBLE.search(text) if isinstance(text, str) else None
+            if found:
+                raise FbhError(f"text holds the invisible control character U+{ord(found.group()):04X}", file=file,
+                               field=field_path(loc + (key,)), fix="delete it (bidirectional overrides, zero-width "
+                                                                   "and control characters are not allowed in specs)")
+        check_visible_text(value, file, loc + (key,))
+
+
 def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
+    check_visible_text(data, file)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

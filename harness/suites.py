@@ -200,3 +200,70 @@ def check_suite(spec: SuiteSpec, file: Path) -> SuiteCheck:
         seen.add((ref, repo_type))
         inputs.append(check_input(spec, file, field, ref, repo_type))
     return SuiteCheck(spec.name, inputs, blocker, note)
+
+
+# ----------------------------------------------------------------------------- the kind of each local input
+# `fbh validate` and `fbh submit` check, before anything is written, that every local path a suite
+# names is the kind of thing its field needs: a model folder (config and safetensors weights), a
+# weights file, a heads file, a datasets folder. Without this, `/etc` as a base, `/etc/passwd` as a
+# dataset or a pickled expert failed only once the family loaded them, after the submission's and
+# the suite's rows were written. Zoo inputs are built by fbh and checked against their manifest;
+# hub inputs are checked when their snapshot is resolved.
+
+MODEL_FOLDER_FIX = "point it at a save_pretrained folder (config.json and *.safetensors weights)"
+PICKLE_FIX = "convert it to safetensors (safetensors.torch.save_file), or set family.allow_pickle: true " \
+             "if you trust its author (a pickle runs code when it is loaded)"
+
+
+def local_input_problem(spec: SuiteSpec, field: str, repo_type: str, path: Path) -> tuple[str, str] | None:
+    """(what is wrong, fix) when the existing local `path` is not the kind of input `field` needs."""
+    fam = spec.family
+    pickle_ok = fam.allow_pickle
+    if repo_type == "dataset":
+        if not path.is_dir():
+            return "is a file, not a dataset folder", "point it at a folder written by datasets' save_to_disk"
+        if not any((path / name).is_file() for name in SAVED_DATA):
+            return (f"is not a datasets folder (no {' or '.join(SAVED_DATA)})",
+                    "point it at a folder written by datasets' save_to_disk")
+        return None
+    weight_file = field == "family.heads" or (fam.kind == "open_clip_vision"
+                                              and (field.startswith("family.experts.") or field == "references.mtl"))
+    if weight_file:
+        if not path.is_file():
+            return "is a folder, but this field names one weights file", "point it at a .safetensors file"
+        if path.suffix in (".bin", ".pt", ".pth") and field != "family.heads":
+            return None if pickle_ok else ("is a pickle checkpoint", PICKLE_FIX)
+        if path.suffix != ".safetensors":
+            return f"is not a .safetensors file ({path.name})", "point it at a .safetensors file"
+        return None
+    if not path.is_dir():
+        pickled = path.suffix in (".bin", ".pt", ".pth")
+        return (("is a pickle checkpoint file" if pickled else "is a file") + ", not a model folder",
+                PICKLE_FIX if pickled and not pickle_ok else MODEL_FOLDER_FIX)
+    config = ("open_clip_config.json",) if fam.kind == "open_clip_vision" else ()
+    for group in (config,) if config else expected_files(spec, field, repo_type, local=True):
+        if not _found(path, group):
+            weights = set(group) & set(WEIGHTS)
+            if weights and any(_found(path, (p,)) for p in PICKLED_WEIGHTS):
+                return "holds only pickle weights (*.bin / *.pt)", PICKLE_FIX
+            return f"is not a model folder: it has no {' or '.join(group)}", MODEL_FOLDER_FIX
+    if config and not _found(path, WEIGHTS + (PICKLED_WEIGHTS if pickle_ok else ())):
+        return "holds no safetensors weights", PICKLE_FIX
+    return None
+
+
+def check_local_inputs(spec: SuiteSpec, file: Path) -> None:
+    """Raise FbhError (file, field, fix) for the first local input that is not the kind its field needs."""
+    from harness.errors import FbhError
+    from harness.identity import model_refs
+    resolve = Resolver(file, None)
+    for field, ref, repo_type in model_refs(spec):
+        if not ref.startswith(("/", "./", "../")):
+            continue  # zoo:// and hub ids
+        path = Path(resolve(ref, field))
+        try:
+            problem = local_input_problem(spec, field, repo_type, path) if path.exists() else None
+        except OSError as exc:
+            problem = (f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
+        if problem:
+            raise FbhError(f"'{ref}' {problem[0]}", file=str(file), field=field, fix=problem[1])

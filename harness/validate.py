@@ -59,4 +59,7 @@ def validate_file(path: Path) -> str:
         if unknown:
             raise FbhError(f"unknown suites {unknown}", file=str(path), field="suites",
                            fix=f"use names from `fbh suites list`: {', '.join(suite_files())}")
+    from harness.planner import check_grid_data, default_suites, find_suite
+    for name in dict.fromkeys(sub.suites or default_suites()):  # what `fbh submit` checks of the suites it runs
+        check_grid_data(sub, find_suite(name)[0], str(path))
     return "submission"

@@ -11,7 +11,7 @@ data is used, so this measures the stacked model as built.
 """
 
 import copy
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 from torch import nn
@@ -25,7 +25,8 @@ from methods._common import sum_task_vectors
 class DepthUpscalingParams(Params):
     source: Literal["task_arithmetic", "base"] = "task_arithmetic"
     scaling_factor: float = Field(0.3, ge=0.0, le=10.0, description="lambda when source=task_arithmetic")
-    layer_indices: Optional[list[int]] = Field(None, description="source blocks to stack; None = SOLAR's")
+    layer_indices: Optional[list[Annotated[int, Field(ge=0, le=10_000)]]] = Field(
+        None, max_length=1024, description="source blocks to stack; None = SOLAR's")
 
 
 def solar_indices(n: int) -> list[int]:

@@ -20,7 +20,7 @@ from methods._common import sum_task_vectors
 
 class MoEMergingParams(Params):
     scaling_factor: float = Field(0.3, ge=0.0, le=10.0, description="task arithmetic lambda for shared weights")
-    top_k: Optional[int] = Field(None, ge=1, description="experts per token; None = all")
+    top_k: Optional[int] = Field(None, ge=1, le=1024, description="experts per token; None = all")
 
 
 @method("moe_merging", params=MoEMergingParams, category="mixing", output="larger")

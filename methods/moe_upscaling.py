@@ -19,7 +19,7 @@ from harness.moe import upscale_mlps
 
 
 class MoEUpscalingParams(Params):
-    top_k: Optional[int] = Field(None, ge=1, description="experts per token; None = all")
+    top_k: Optional[int] = Field(None, ge=1, le=1024, description="experts per token; None = all")
 
 
 @method("moe_upscaling", params=MoEUpscalingParams, category="mixing", output="larger")

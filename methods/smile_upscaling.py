@@ -21,9 +21,9 @@ from harness.moe import SmileMoELinear, set_submodule
 
 
 class SmileParams(Params):
-    gate_k: int = Field(1, ge=1, description="singular vectors per expert used for routing")
-    k: int = Field(128, ge=1, description="rank of each low-rank expert")
-    top_k: int = Field(1, ge=1, description="experts per token")
+    gate_k: int = Field(1, ge=1, le=4096, description="singular vectors per expert used for routing")
+    k: int = Field(128, ge=1, le=65536, description="rank of each low-rank expert")
+    top_k: int = Field(1, ge=1, le=1024, description="experts per token")
 
 
 @method("smile_upscaling", params=SmileParams, category="mixing", output="larger")

@@ -31,9 +31,9 @@ from methods._common import sum_task_vectors
 class WeMoEParams(Params):
     init_lambda: float = Field(0.3, ge=0.0, le=10.0)
     router_hidden_layers: int = Field(2, ge=1, le=4)
-    lr: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(16, ge=1)
-    max_steps: int = Field(1000, ge=0, description="optimizer steps; each sees one batch of every task")
+    lr: float = Field(1e-4, gt=0.0, le=10.0)
+    batch_size: int = Field(16, ge=1, le=4096)
+    max_steps: int = Field(1000, ge=0, le=100_000, description="optimizer steps; each sees one batch of every task")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

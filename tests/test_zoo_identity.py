@@ -229,7 +229,9 @@ def test_wrong_pin_still_builds_says_so_once_and_old_markers_are_rebuilt(tmp_pat
     assert ensure_suite_zoo(right, progress=said.append) == built and said == []
 
 
-def test_a_failing_builder_raises_its_error_and_leaves_no_partial_build(own_cache):
+def test_a_failing_builder_raises_its_error_and_leaves_no_partial_build(own_cache, monkeypatch):
+    import harness.zoo.recipes
+    monkeypatch.setattr(harness.zoo.recipes, "check_recipe", lambda name, recipe: None)  # the builder's own error
     with pytest.raises(FbhError) as exc:
         ensure_built("tiny_vision", {**SMALL_RECIPE, "tasks": ["digits", "no-such-task"]})
     assert "zoo builder 'tiny_vision' failed" in exc.value.message

@@ -71,6 +71,8 @@ def resolved_recipe(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         raise FbhError(f"unknown recipe keys {unknown}", field="family.zoo.recipe",
                        fix=f"use keys of: {', '.join(sorted(recipe))}")
     recipe.update(overrides)
+    from harness.zoo.recipes import check_recipe
+    check_recipe(name, recipe)  # the whole recipe: a bound between two knobs holds whichever one was set
     return recipe
 
 
