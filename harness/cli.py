@@ -45,6 +45,13 @@ class FbhGroup(click.Group):
         except FbhError as exc:
             click.echo(f"error: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the cache's disk filled or turned read-only after the checks at the start
+            from harness.paths import cache_error, in_cache
+            if not in_cache(exc.filename):
+                raise
+            error = cache_error(exc)
+            click.echo(f"error: {error.render()}", err=True)
+            sys.exit(error.exit_code)
 
 
 @click.group(cls=FbhGroup, context_settings={"help_option_names": ["-h", "--help"]})

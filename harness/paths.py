@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -11,6 +13,45 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def cache_dir() -> Path:
     """Built zoos and preprocessed test sets: $FBH_CACHE, else ~/.cache/fbh."""
     return Path(os.environ.get("FBH_CACHE") or Path.home() / ".cache" / "fbh")
+
+
+CACHE_FIX = ("set FBH_CACHE to a folder you can write, on a disk with free space (it holds built zoos and "
+             "preprocessed test sets; nothing in the results database was changed)")
+
+
+def cache_error(exc: OSError, path: Path | str | None = None):
+    """One message for an OS error at the cache: the file, what went wrong, and the fix."""
+    from harness.errors import FbhError
+    where = str(path or exc.filename or cache_dir())
+    if exc.errno == errno.ENOSPC:
+        return FbhError(f"the disk holding the fbh cache is full ({exc.strerror})", file=where, field="FBH_CACHE",
+                        fix="free space, or " + CACHE_FIX)
+    if cache_dir().is_file():
+        return FbhError("the fbh cache path is a file, not a folder", file=str(cache_dir()), field="FBH_CACHE",
+                        fix=CACHE_FIX)
+    return FbhError(f"cannot write the fbh cache: {exc.strerror or exc}", file=where, field="FBH_CACHE",
+                    fix=CACHE_FIX)
+
+
+def writable_cache() -> Path:
+    """The cache folder, created if need be and proven writable (a few bytes written and removed), before
+    work that must write it starts; else one FbhError naming it and the fix."""
+    root = cache_dir()
+    if root.exists() and not root.is_dir():
+        raise cache_error(OSError(errno.ENOTDIR, "not a folder", str(root)))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root) as probe:
+            probe.write(b"\0" * 4096)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        raise cache_error(exc, exc.filename or root) from None
+    return root
+
+
+def in_cache(path: str | os.PathLike | None) -> bool:
+    return path is not None and Path(os.fspath(path)).resolve().is_relative_to(cache_dir().resolve())
 
 
 def suites_dir() -> Path:

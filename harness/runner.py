@@ -472,6 +472,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     todo = plan(sub, suites_, done, force=force, file=str(path))
     if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
+        from harness.paths import writable_cache
+        writable_cache()  # runs write preprocessed test sets and outputs there: said now, not after the writes
     store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")),
                             str(path.resolve()))
     for (spec, file), (_, on) in zip(specs, suites_):

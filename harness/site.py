@@ -10,8 +10,10 @@ matplotlib took 0.1-0.3 s a figure here, too slow for a chart per submission pag
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -28,12 +30,13 @@ from harness import __version__
 from harness.errors import FbhError
 from harness.leaderboard import (Entry, condition_label, condition_labels, csv_cell, extra_columns,
                                  generalization, other_fingerprints, relative_to_stl, robustness)
+from harness.locks import remove_stale
 from harness.paths import REPO_ROOT
 from harness.spec import higher_is_better, strip_invisible
 from harness.store import Store
 
 SITE_SOURCES = REPO_ROOT / "site"
-MARKER = ".fbh-site"  # marks a directory this module built, so a rebuild may replace it
+MARKER = ".fbh-site"  # the manifest of a build: every file it wrote, which is all a rebuild removes
 TOP_ON_INDEX = 3
 RADAR_SUBMISSIONS = 5
 
@@ -418,20 +421,24 @@ class BuildReport:
 
 def build(store: Store, out: Path | str) -> BuildReport:
     """Render the whole site into `out`. It is built beside `out` and swapped in, so a failed build
-    leaves the previous site intact; `out` must be empty, absent, or a site built before."""
+    leaves the previous site intact. A rebuild removes only the files the previous build's manifest
+    (MARKER) lists: anything else in `out` (a Pages CNAME, a README) is carried into the new site.
+    `out` must be absent, empty, or hold such a manifest; a folder with other files and no manifest is
+    refused, as fbh cannot tell what in it is its own."""
     started = time.perf_counter()
     out = Path(out).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / MARKER).exists()):
-        raise FbhError("the output directory exists and is not an fbh site", file=str(out), field="--out",
-                       fix="pass an empty or new directory (a rebuild replaces everything in it)")
+    keep = files_to_keep(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale(out.parent, f".{glob.escape(out.name)}.*")  # work folders of builds whose process died
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-{os.getpid()}-", dir=out.parent))
     try:
         with store.reading():
             n_pages, n_suites = _render(store, staging)
-        (staging / MARKER).write_text("built by `fbh site build`; a rebuild replaces this directory\n")
+        written = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if not p.is_dir())
+        (staging / MARKER).write_text(json.dumps({"written_by": "fbh site build", "files": written}, indent=1))
+        carry_over(out, staging, keep)
         if out.exists():
-            old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+            old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
             out.rename(old)
             staging.rename(out)
             shutil.rmtree(old)
@@ -441,6 +448,52 @@ def build(store: Store, out: Path | str) -> BuildReport:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return BuildReport(out, n_suites, n_pages, time.perf_counter() - started)
+
+
+def files_to_keep(out: Path) -> list[str]:
+    """The entries of `out` (relative paths; files, links and empty folders) that its previous build did
+    not write: they survive a rebuild. Raises FbhError when `out` is not a folder fbh may build into."""
+    if not out.exists():
+        return []
+    fix = ("pass an empty or new folder: fbh only replaces files its manifest says an earlier `fbh site build` "
+           "wrote (a site built by an older fbh has none: remove that folder and build again)")
+    if not out.is_dir():
+        raise FbhError("the output path exists and is not a folder", file=str(out), field="--out", fix=fix)
+    entries = []
+    for root, dirs, files in os.walk(out):
+        here = Path(root)
+        entries += [(here / name).relative_to(out).as_posix() for name in files]
+        entries += [(here / name).relative_to(out).as_posix() for name in dirs
+                    if (here / name).is_symlink() or not any((here / name).iterdir())]
+    if not entries:
+        return []
+    try:
+        manifest = json.loads((out / MARKER).read_text())
+        written = set(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FbhError("the output folder is not empty and holds no manifest of an earlier fbh site build",
+                       file=str(out), field="--out", fix=fix) from None
+    return sorted(e for e in entries if e != MARKER and e not in written)
+
+
+def carry_over(out: Path, staging: Path, keep: list[str]) -> None:
+    """Put the files to keep into the new build, as hard links (the old folder holds them until the swap)."""
+    for rel in keep:
+        src, dst = out / rel, staging / rel
+        if src.is_dir() and not src.is_symlink():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        if dst.exists() or dst.is_symlink():
+            raise FbhError(f"'{rel}' was not written by the earlier build, and this build writes a file there",
+                           file=str(out), field="--out", fix=f"move {src} out of the folder, or build elsewhere")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_symlink():
+            os.symlink(os.readlink(src), dst)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
 
 
 def _render(store: Store, out: Path) -> tuple[int, int]:

@@ -246,7 +246,9 @@ def local_input_problem(spec: SuiteSpec, field: str, repo_type: str, path: Path)
             weights = set(group) & set(WEIGHTS)
             if weights and any(_found(path, (p,)) for p in PICKLED_WEIGHTS):
                 return "holds only pickle weights (*.bin / *.pt)", PICKLE_FIX
-            return f"is not a model folder: it has no {' or '.join(group)}", MODEL_FOLDER_FIX
+            fix = (f"point it at the folder of the processor's files ({' or '.join(group)})"
+                   if field == "family.processor" else MODEL_FOLDER_FIX)
+            return f"is not a model folder: it has no {' or '.join(group)}", fix
     if config and not _found(path, WEIGHTS + (PICKLED_WEIGHTS if pickle_ok else ())):
         return "holds no safetensors weights", PICKLE_FIX
     return None

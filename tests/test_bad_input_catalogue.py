@@ -48,10 +48,10 @@ SUBMISSIONS = [
     ("params-out-of-range", sub_with(params={"scaling_factor": -1.0}), "params.scaling_factor"),
     ("params-huge-value", sub_with(params={"scaling_factor": 1e300}), "params.scaling_factor"),
     ("params-not-mapping", sub_with(params=3), "params"),
-    ("grid-empty", sub_with(params={}, grid={"scaling_factor": []}), "(top level)"),
+    ("grid-empty", sub_with(params={}, grid={"scaling_factor": []}), "grid"),
     ("grid-and-params", sub_with(grid={"scaling_factor": [0.1]}), "(top level)"),
     ("grid-wrong-type", sub_with(params={}, grid={"scaling_factor": ["big"]}), "params/grid.scaling_factor"),
-    ("grid-too-many", sub_with(params={}, grid={"scaling_factor": [0.01 * i for i in range(65)]}), "(top level)"),
+    ("grid-too-many", sub_with(params={}, grid={"scaling_factor": [0.01 * i for i in range(65)]}), "grid"),
     ("seed-negative", sub_with(seed=-1), "seed"),
     ("seed-huge", sub_with(seed=2 ** 40), "seed"),
     ("url-javascript", sub_with(url="javascript:alert(1)"), "url"),
@@ -202,7 +202,7 @@ def test_a_folder_that_is_no_model_is_refused_before_anything_is_hashed_or_writt
     before = db_fingerprint(seeded_db)
     res = CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)])
     check_error(res, "tiny-bad.yaml", "family.processor")
-    assert "not a model or dataset folder" in res.output and db_fingerprint(seeded_db) == before
+    assert "not a model folder" in res.output and db_fingerprint(seeded_db) == before
 
 
 def test_cuda_on_a_machine_without_one_changes_nothing(tmp_path, seeded_db, fbh_env):

@@ -273,17 +273,29 @@ def test_site_files_match_the_leaderboard(built):
 
 
 @pytest.mark.slow
-def test_rebuild_replaces_a_site_but_never_a_foreign_directory(built, tmp_path):
+def test_rebuild_removes_only_what_the_last_build_wrote(built, tmp_path):
+    """A page the previous build's manifest lists and this build no longer writes is removed; a file the
+    manifest does not list (a Pages CNAME, a user's notes) survives, in place; a folder with files and no
+    manifest is refused."""
+    import json
     db, out = built
+    manifest = json.loads((out / ".fbh-site").read_text())
     stale = out / "suites" / "stale.html"
-    stale.write_text("old")
+    stale.write_text("a page of a suite since removed")
+    (out / ".fbh-site").write_text(json.dumps({**manifest, "files": [*manifest["files"], "suites/stale.html"]}))
+    (out / "CNAME").write_text("leaderboard.example.org\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("mine")
     assert fbh("site", "build", "--db", db, "--out", out).exit_code == 0
     assert not stale.exists() and (out / "index.html").exists()
+    assert (out / "CNAME").read_text() == "leaderboard.example.org\n"
+    assert (out / "notes" / "todo.txt").read_text() == "mine"
+    assert "CNAME" not in json.loads((out / ".fbh-site").read_text())["files"]
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     res = fbh("site", "build", "--db", db, "--out", foreign)
-    assert res.exit_code == 2 and "not an fbh site" in res.output
+    assert res.exit_code == 2 and "no manifest" in res.output and "Traceback" not in res.output
     assert (foreign / "thesis.tex").read_text() == "precious"
     assert fbh("site", "build", "--db", tmp_path / "none.duckdb", "--out", tmp_path / "x").exit_code == 2
 

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from harness.digests import CorruptFile, manifest_digest, tree_manifest, verify_manifest
 from harness.errors import FbhError
 from harness.paths import cache_dir
-from harness.locks import file_lock
+from harness.locks import file_lock, remove_stale
 from harness.spec import DIGEST_PATTERN, load_suite
 
 BUILDERS = {"tiny_vision": "harness.zoo.tiny_vision"}
@@ -318,10 +318,17 @@ def ensure_built(name: str, overrides: dict[str, Any], progress: Callable[[str],
     recipe = resolved_recipe(name, overrides)
     key = zoo_key(name, recipe)
     final = cache_dir() / "zoo" / key
+    if final.parent.is_dir():
+        remove_stale(final.parent)  # any key's build and import folders whose process died
     if is_built(final) and not force:
         verify_zoo(final)
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
+    from harness.paths import cache_error, writable_cache
+    writable_cache()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_error(exc) from None
     with file_lock(final.with_suffix(".lock")):
         if is_built(final) and not force:
             verify_zoo(final)
