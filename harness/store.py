@@ -184,6 +184,17 @@ def database_error(path: Path, exc: BaseException) -> Exception:
     return FbhError(f"not a readable fbh results database: {first}", file=str(path), fix=DB_FIX)
 
 
+def commit_error(path: Path, exc: duckdb.Error) -> Exception:
+    """A COMMIT DuckDB refused: the disk or the file's permissions when its message says so, else the write
+    itself; either way nothing of the transaction was stored."""
+    from harness.errors import FbhError
+    text = str(exc)
+    if "No space left" in text or "Permission denied" in text or "read-only" in text.lower():
+        return database_error(path, exc)
+    return FbhError(f"the results database refused the write: {text.splitlines()[0]}", file=str(path),
+                    fix="nothing of it was stored: run the command again, and report it if it repeats")
+
+
 class Store:
     """One DuckDB file. Every public method opens, uses and closes its own connection."""
 
@@ -257,17 +268,23 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One transaction, committed or rolled back whole. ROLLBACK runs only while the transaction is
+        active (the body failed); DuckDB itself ends a transaction whose COMMIT failed (a full disk), and
+        that failure is reported as the database's, with the file and the fix."""
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
-                con.execute("COMMIT")
             except BaseException:
-                try:  # a failed COMMIT (a full disk) may have ended the transaction already
+                try:
                     con.execute("ROLLBACK")
                 except duckdb.Error:
-                    pass  # the first error is the one to report
+                    pass  # the body's error is the one to report
                 raise
+            try:
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                raise commit_error(self.path, exc) from None
 
     # -- writes ------------------------------------------------------------------
     def submission_source(self, name: str) -> str | None:

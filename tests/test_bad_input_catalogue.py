@@ -3,6 +3,7 @@ file, the field and the fix; no traceback; exit code 2; the database is unchange
 
 import copy
 import hashlib
+import time
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from conftest import small_suite_spec
 
+SECONDS = 60  # a refusal is immediate; this bound only catches hangs and unbounded work on a loaded machine
 GOOD_SUB = {"name": "ok-sub", "method": "task_arithmetic", "params": {"scaling_factor": 0.3}}
 
 
@@ -74,6 +76,24 @@ SUBMISSIONS = [
     ("params-nan", "name: ok-sub\nmethod: task_arithmetic\nparams: {scaling_factor: .nan}\n", "params.scaling_factor"),
     ("grid-nan", "name: ok-sub\nmethod: task_arithmetic\ngrid: {scaling_factor: [0.3, .nan]}\n",
      "params/grid.scaling_factor"),
+    # Work is bounded before it starts: grids by their product (64^3 queued 524k fusions; 64^5 was a
+    # MemoryError), size-like method params by their ranges.
+    ("grid-product-64x64x64", sub_with(method="ties_merging", params={}, grid={
+        "scaling_factor": [0.01 * i for i in range(64)], "top_k": [(i + 1) / 64 for i in range(64)],
+        "p": list(range(64))}), "grid"),
+    ("grid-product-64-to-the-5", sub_with(params={}, grid={f"p{i}": list(range(64)) for i in range(5)}), "grid"),
+    ("grid-too-many-keys", sub_with(params={}, grid={f"p{i}": [1] for i in range(9)}), "grid"),
+    ("grid-repeated-value", sub_with(params={}, grid={"scaling_factor": [0.3, 0.5, 0.3]}), "grid"),
+    ("suites-list-huge", sub_with(suites=["tiny-small"] * 300), "suites"),
+    ("we-moe-steps-huge", sub_with(method="we_moe", params={"max_steps": 10 ** 9}), "params.max_steps"),
+    ("smile-rank-huge", sub_with(method="smile_upscaling", params={"k": 10 ** 9}), "params.k"),
+    ("depth-indices-huge", sub_with(method="depth_upscaling", params={"layer_indices": [0] * 5000}),
+     "params.layer_indices"),
+    # Invisible characters that would disguise what the site and the CLI show.
+    ("description-bidi-override", sub_with(description="safe \u202egnp.exe"), "description"),
+    ("authors-bidi-isolate", sub_with(authors="Alice \u2066Mallory\u2069"), "authors"),
+    ("description-ansi-escape", sub_with(description="ok \x1b[2J\x1b[31mFAKE"), "description"),
+    ("params-key-zero-width", sub_with(params={"scaling\u200bfactor": 0.3}), "params.scaling\u200bfactor"),
 ]
 
 
@@ -124,6 +144,32 @@ SUITES = [
      "references.published[0].values.digits"),
     ("suite-severity-bool", _set(["corruptions", 0, "severity"], True), "corruptions[0].severity"),
     ("suite-published-unknown-task", _set(["references", "published", 0, "values", "nope"], 1.0), "(top level)"),
+    # Typed zoo recipes: refused before any build, naming the recipe key.
+    ("suite-recipe-not-an-int", _set(["family", "zoo", "recipe", "n_test"], "many"), "family.zoo.recipe.n_test"),
+    ("suite-recipe-huge", _set(["family", "zoo", "recipe", "n_train"], 10 ** 9), "family.zoo.recipe.n_train"),
+    ("suite-recipe-negative-steps", _set(["family", "zoo", "recipe", "finetune_steps"], -5),
+     "family.zoo.recipe.finetune_steps"),
+    ("suite-recipe-unknown-task", _set(["family", "zoo", "recipe", "tasks"], ["digits", "nope"]),
+     "family.zoo.recipe.tasks[1]"),
+    ("suite-recipe-heads-do-not-divide", _set(["family", "zoo", "recipe", "hidden_size"], 33),
+     "family.zoo.recipe.num_heads"),
+    ("suite-recipe-logit-scale-word", _set(["family", "zoo", "recipe", "logit_scale"], "auto"),
+     "family.zoo.recipe.logit_scale"),
+    ("suite-recipe-bool-for-int", _set(["family", "zoo", "recipe", "seed"], True), "family.zoo.recipe.seed"),
+    # Every local input is the kind of thing its field names, checked before anything is written.
+    ("suite-dataset-is-a-file", _set(["tasks", 0, "dataset"], "/etc/passwd"), "tasks[0].dataset"),
+    ("suite-base-is-etc", _set(["family", "base"], "/etc"), "family.base"),
+    ("suite-mtl-is-etc", _set(["references", "mtl"], "/etc"), "references.mtl"),
+    ("suite-heads-is-a-folder", _set(["family", "heads"], "/etc"), "family.heads"),
+    # Caps on sizes and repeats.
+    ("suite-too-many-tasks", _set(["tasks"], [{"name": f"t{i}", "dataset": "zoo://x"} for i in range(65)]), "tasks"),
+    ("suite-too-many-templates", _set(["tasks", 0, "templates"], ["a photo of {c}"] * 1001), "tasks[0].templates"),
+    ("suite-computed-twice", _set(["references", "computed"], ["stl", "stl"]), "references.computed"),
+    ("suite-budget-huge", _set(["fusion_budget_seconds"], 1e12), "fusion_budget_seconds"),
+    # Invisible characters in what the site shows.
+    ("suite-title-bidi", _set(["title"], "tiny \u202eevil"), "title"),
+    ("suite-published-label-bidi", _set(["references", "published", 0, "label"], "Paper \u2067row"),
+     "references.published[0].label"),
 ]
 
 
@@ -131,7 +177,10 @@ def db_fingerprint(path):
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
-def check_error(result, file_name, field):
+def check_error(result, file_name, field, started=None):
+    """One clear error: exit 2, no traceback, the file, the field and a fix; within SECONDS of `started`."""
+    if started is not None:
+        assert time.monotonic() - started < SECONDS, f"took {time.monotonic() - started:.0f} s"
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     text = result.output
@@ -163,8 +212,10 @@ def test_bad_submission(case, content, field, tmp_path, seeded_db):
     else:
         path.write_text(yaml.safe_dump(content))
     before = db_fingerprint(seeded_db)
-    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field)
-    check_error(CliRunner().invoke(main, ["submit", str(path), "--db", str(seeded_db)]), path.name, field)
+    started = time.monotonic()
+    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field, started)
+    started = time.monotonic()
+    check_error(CliRunner().invoke(main, ["submit", str(path), "--db", str(seeded_db)]), path.name, field, started)
     assert db_fingerprint(seeded_db) == before
 
 
@@ -175,12 +226,14 @@ def test_bad_suite(case, edit, field, fbh_env, tmp_path, seeded_db, monkeypatch)
     path = suites / "tiny-bad.yaml"
     path.write_text(yaml.safe_dump(suite_with(edit)))
     monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
-    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field)
+    started = time.monotonic()
+    check_error(CliRunner().invoke(main, ["validate", str(path)]), path.name, field, started)
     sub = tmp_path / "sub.yaml"
     sub.write_text(yaml.safe_dump(GOOD_SUB))
     before = db_fingerprint(seeded_db)
+    started = time.monotonic()
     check_error(CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)]),
-                path.name, field)
+                path.name, field, started)
     assert db_fingerprint(seeded_db) == before
 
 
