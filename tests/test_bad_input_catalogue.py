@@ -4,6 +4,7 @@ file, the field and the fix; no traceback; exit code 2; the database is unchange
 import copy
 import hashlib
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -348,3 +349,137 @@ def test_a_cached_resubmit_works_on_a_read_only_database(tmp_path, fbh_env):
     finally:
         os.chmod(db.parent, stat.S_IRWXU)
         os.chmod(db, stat.S_IRUSR | stat.S_IWUSR)
+
+
+# ----------------------------------------------------------------------------- local inputs of the wrong kind
+
+def _pickle_file(tmp):
+    path = tmp / "expert.bin"
+    path.write_bytes(b"\x80\x04\x95 pickled bytes")
+    return str(path)
+
+
+def _folder_with_only_pickle_weights(tmp):
+    folder = tmp / "expert"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04\x95")
+    return str(folder)
+
+
+def _folder_without_config(tmp):
+    folder = tmp / "expert"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    return str(folder)
+
+
+def _folder_that_is_no_dataset(tmp):
+    folder = tmp / "data"
+    folder.mkdir()
+    (folder / "train.csv").write_text("a,b\n")
+    return str(folder)
+
+
+def _heads_as_pickle(tmp):
+    path = tmp / "heads.pt"
+    path.write_bytes(b"\x80\x04\x95")
+    return str(path)
+
+
+LOCAL_INPUTS = [("pickle-expert-file", ["family", "experts", "shapes"], _pickle_file, "pickle"),
+                ("expert-with-only-pytorch-model-bin", ["family", "experts", "shapes"],
+                 _folder_with_only_pickle_weights, "pickle"),
+                ("expert-without-config", ["family", "experts", "shapes"], _folder_without_config, "config.json"),
+                ("mtl-without-config", ["references", "mtl"], _folder_without_config, "config.json"),
+                ("dataset-not-saved-by-datasets", ["tasks", 1, "dataset"], _folder_that_is_no_dataset,
+                 "dataset_dict.json"),
+                ("heads-a-pickle", ["family", "heads"], _heads_as_pickle, ".safetensors")]
+
+
+@pytest.mark.parametrize("case,where,make,says", LOCAL_INPUTS, ids=[c[0] for c in LOCAL_INPUTS])
+def test_a_local_input_of_the_wrong_kind_is_refused_by_validate_and_before_submit_writes(
+        case, where, make, says, fbh_env, tmp_path, seeded_db, monkeypatch):
+    """What `submit` refuses, `validate` refuses too, and both before a submission or suite row is written."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    path = suites / "tiny-bad.yaml"
+    path.write_text(yaml.safe_dump(suite_with(_set(where, make(tmp_path)))))
+    monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
+    field = ".".join(str(p) for p in where).replace(".1.", "[1].")
+    started = time.monotonic()
+    res = CliRunner().invoke(main, ["validate", str(path)])
+    check_error(res, path.name, field, started)
+    assert says in res.output
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    before = db_fingerprint(seeded_db)
+    started = time.monotonic()
+    res = CliRunner().invoke(main, ["submit", str(sub), "--suite", "tiny-bad", "--db", str(seeded_db)])
+    check_error(res, path.name, field, started)
+    assert says in res.output and db_fingerprint(seeded_db) == before
+
+
+def test_allow_pickle_lets_a_pickled_expert_through_the_kind_check(fbh_env, tmp_path):
+    from harness.suites import local_input_problem
+    from harness.spec import SuiteSpec
+    spec = SuiteSpec.model_validate(suite_with(lambda s: s["family"].update(allow_pickle=True)))
+    folder = Path(_folder_with_only_pickle_weights(tmp_path))
+    assert local_input_problem(spec, "family.experts.shapes", "model", folder) is None
+    strict = SuiteSpec.model_validate(suite_with(lambda s: None))
+    assert "pickle" in local_input_problem(strict, "family.experts.shapes", "model", folder)[0]
+
+
+def test_a_submission_is_validated_against_the_suites_it_would_run(fbh_env, tmp_path, monkeypatch):
+    """`validate` of a submission makes submit's suite checks: a broken target suite is its error too."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    path = suites / "tiny-bad.yaml"
+    path.write_text(yaml.safe_dump(suite_with(_set(["tasks", 0, "dataset"], "/etc/passwd"))))
+    monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump({**GOOD_SUB, "suites": ["tiny-bad"]}))
+    check_error(CliRunner().invoke(main, ["validate", str(sub)]), "tiny-bad.yaml", "tasks[0].dataset")
+
+
+# ----------------------------------------------------------------------------- typed recipes and bounded params
+
+def test_every_recipe_schema_has_its_builders_defaults():
+    """The schema's defaults are the builder's DEFAULT_RECIPE, key for key and value for value: a recipe
+    value changed in one place and not the other fails here."""
+    from harness.zoo import BUILDERS, default_recipe
+    from harness.zoo.recipes import RECIPES, schema_defaults
+    assert set(RECIPES) == set(BUILDERS)
+    for builder in BUILDERS:
+        assert schema_defaults(builder) == default_recipe(builder)
+
+
+def test_a_bad_recipe_leaves_no_partial_build_and_starts_no_builder(tmp_path, monkeypatch):
+    import harness.zoo
+    from harness.errors import FbhError
+    from conftest import SMALL_RECIPE
+    monkeypatch.setenv("FBH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness.zoo, "run_builder", lambda *a: pytest.fail("the builder was started"))
+    with pytest.raises(FbhError) as exc:
+        harness.zoo.ensure_built("tiny_vision", {**SMALL_RECIPE, "n_test": "many"})
+    assert exc.value.field == "family.zoo.recipe.n_test"
+    assert not (tmp_path / "cache" / "zoo").exists() or not any((tmp_path / "cache" / "zoo").iterdir())
+
+
+def test_every_size_like_method_param_is_bounded():
+    """Each method's integer params have an upper bound and its list params a maximum length, so no
+    submission can ask for unbounded steps, samples, ranks or lists."""
+    import annotated_types
+    import typing
+    from harness import registry
+    unbounded = []
+    for name, info in registry.discover().items():
+        for field_name, f in info.params.model_fields.items():
+            shape = typing.get_args(f.annotation) or (f.annotation,)
+            meta = f.metadata
+            if int in shape and not any(isinstance(m, (annotated_types.Le, annotated_types.Lt)) for m in meta):
+                unbounded.append(f"{name}.{field_name}")
+            if any(typing.get_origin(t) is list for t in shape) and not any(
+                    isinstance(m, annotated_types.MaxLen) for m in meta):
+                unbounded.append(f"{name}.{field_name}")
+    assert unbounded == []
