@@ -483,3 +483,132 @@ def test_every_size_like_method_param_is_bounded():
                     isinstance(m, annotated_types.MaxLen) for m in meta):
                 unbounded.append(f"{name}.{field_name}")
     assert unbounded == []
+
+
+# ----------------------------------------------------------------------------- broken disks under the database and cache
+
+def _mount_tmpfs(path: Path, options: str) -> None:
+    import os
+    import subprocess
+    path.mkdir(exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(path)],
+                                           capture_output=True).returncode:
+        pytest.skip("a full or read-only disk is simulated with a small tmpfs, which needs root to mount")
+
+
+def _unmount(path: Path) -> None:
+    import subprocess
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture()
+def read_only_folder(tmp_path):
+    """An empty folder nothing can be written into: chmod for a user, a read-only tmpfs for root (whom
+    permission bits do not stop)."""
+    import os
+    import stat
+    folder = tmp_path / "read-only"
+    if os.geteuid() != 0:
+        folder.mkdir()
+        os.chmod(folder, stat.S_IRUSR | stat.S_IXUSR)
+        yield folder
+        os.chmod(folder, stat.S_IRWXU)
+        return
+    _mount_tmpfs(folder, "ro,size=64k")
+    yield folder
+    _unmount(folder)
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 16 MiB tmpfs, filled by fill_disk."""
+    folder = tmp_path / "full"
+    _mount_tmpfs(folder, "size=16m")
+    yield folder
+    _unmount(folder)
+
+
+def fill_disk(folder: Path) -> None:
+    """Take the last free byte of the disk holding folder."""
+    import os
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def submit_good(tmp_path, db, *extra):
+    sub = tmp_path / "sub.yaml"
+    sub.write_text(yaml.safe_dump(GOOD_SUB))
+    started = time.monotonic()
+    res = CliRunner().invoke(main, ["submit", str(sub), "--db", str(db), "--quiet", *extra])
+    assert time.monotonic() - started < SECONDS and "Traceback" not in res.output, res.output
+    return res
+
+
+def test_a_new_database_in_a_read_only_folder_is_one_clear_error(tmp_path, fbh_env, read_only_folder):
+    db = read_only_folder / "results.duckdb"
+    res = submit_good(tmp_path, db)
+    assert res.exit_code == 2 and str(db) in res.output and "fix:" in res.output, res.output
+    assert not db.exists()
+
+
+def test_a_full_disk_under_the_database_is_one_clear_error_and_changes_nothing(tmp_path, seeded_db, full_disk):
+    import shutil
+    db = full_disk / "results.duckdb"
+    shutil.copy(seeded_db, db)
+    before = db_fingerprint(db)
+    fill_disk(full_disk)
+    res = submit_good(tmp_path, db)
+    assert res.exit_code == 2 and "disk is full" in res.output and str(db) in res.output, res.output
+    assert "fix:" in res.output and db_fingerprint(db) == before
+
+
+def test_a_cache_path_that_is_a_file_is_one_clear_error(tmp_path, seeded_db, monkeypatch):
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("FBH_CACHE", str(cache))
+    before = db_fingerprint(seeded_db)
+    res = submit_good(tmp_path, seeded_db)
+    check_error(res, str(cache), "FBH_CACHE")
+    assert "is a file" in res.output and db_fingerprint(seeded_db) == before
+
+
+def test_a_read_only_cache_is_one_clear_error(tmp_path, seeded_db, monkeypatch, read_only_folder):
+    monkeypatch.setenv("FBH_CACHE", str(read_only_folder))
+    before = db_fingerprint(seeded_db)
+    res = submit_good(tmp_path, seeded_db)
+    check_error(res, str(read_only_folder), "FBH_CACHE")
+    assert db_fingerprint(seeded_db) == before
+
+
+def test_a_full_disk_under_the_cache_is_one_clear_error(tmp_path, seeded_db, monkeypatch, full_disk):
+    monkeypatch.setenv("FBH_CACHE", str(full_disk / "cache"))
+    fill_disk(full_disk)
+    before = db_fingerprint(seeded_db)
+    res = submit_good(tmp_path, seeded_db)
+    check_error(res, str(full_disk / "cache"), "FBH_CACHE")
+    assert "full" in res.output and db_fingerprint(seeded_db) == before
+
+
+def test_a_built_zoo_in_a_cache_turned_read_only_stops_before_any_run(tmp_path, fbh_env, seeded_db, monkeypatch):
+    """The zoo is there and verifies, but runs would write test sets and outputs into the cache: refused
+    before the submission's rows are written, not as a failed run."""
+    import shutil
+    import subprocess
+    cache = tmp_path / "cache"
+    _mount_tmpfs(cache, "size=64m")
+    try:
+        shutil.copytree(fbh_env / "cache" / "zoo", cache / "zoo", ignore=shutil.ignore_patterns("*.lock"))
+        subprocess.run(["mount", "-o", "remount,ro", str(cache)], check=True)
+        monkeypatch.setenv("FBH_CACHE", str(cache))
+        before = db_fingerprint(seeded_db)
+        res = submit_good(tmp_path, seeded_db)
+        check_error(res, str(cache), "FBH_CACHE")
+        assert db_fingerprint(seeded_db) == before
+    finally:
+        _unmount(cache)
