@@ -541,12 +541,12 @@ def fill_disk(folder: Path) -> None:
         os.close(fd)
 
 
-def submit_good(tmp_path, db, *extra):
+def submit_good(tmp_path, db, *extra, seconds=SECONDS):
     sub = tmp_path / "sub.yaml"
     sub.write_text(yaml.safe_dump(GOOD_SUB))
     started = time.monotonic()
     res = CliRunner().invoke(main, ["submit", str(sub), "--db", str(db), "--quiet", *extra])
-    assert time.monotonic() - started < SECONDS and "Traceback" not in res.output, res.output
+    assert time.monotonic() - started < seconds and "Traceback" not in res.output, res.output
     return res
 
 
@@ -612,3 +612,114 @@ def test_a_built_zoo_in_a_cache_turned_read_only_stops_before_any_run(tmp_path, 
         assert db_fingerprint(seeded_db) == before
     finally:
         _unmount(cache)
+
+
+# ----------------------------------------------------------------------------- housekeeping
+
+def _store_label(db, key, label, value):
+    from harness.store import Run, Store
+    Store(db).write_run(Run(run_key=key, kind="submission", label=label, suite="tiny-small"),
+                        [{"task": "digits", "task_split": "seen", "condition": "clean", "severity": None,
+                          "metric": "accuracy", "value": value, "n": 8, "ci_low": None, "ci_high": None}])
+
+
+def test_leaderboard_csv_escapes_formula_cells_and_drops_invisible_characters(tmp_path, seeded_db):
+    """Rows stored before labels were checked: a spreadsheet must not run them, a terminal or a page must
+    not show them reordered. Numbers, negative ones too, stay numbers."""
+    import csv
+    import io
+    _store_label(seeded_db, "k2", '=HYPERLINK("http://evil.example","x")', -3.0)
+    _store_label(seeded_db, "k3", "+cmd|' /C calc'!A0", 1.0)
+    _store_label(seeded_db, "k4", "evil\u202etxt.exe", 2.0)
+    res = CliRunner().invoke(main, ["leaderboard", "--suite", "tiny-small", "--format", "csv", "--db", str(seeded_db)])
+    assert res.exit_code == 0, res.output
+    labels = [row["label"] for row in csv.DictReader(io.StringIO(res.output.strip()))]
+    assert "'=HYPERLINK(\"http://evil.example\",\"x\")" in labels and "'+cmd|' /C calc'!A0" in labels
+    assert "eviltxt.exe" in labels and not any(label[:1] in "=+-@" for label in labels)
+    text = CliRunner().invoke(main, ["leaderboard", "--suite", "tiny-small", "--db", str(seeded_db)]).output
+    assert "\u202e" not in text and "eviltxt.exe" in text
+    from harness.leaderboard import csv_cell
+    assert csv_cell("-3.0") == "-3.0" and csv_cell("-2+3") == "'-2+3" and csv_cell("\t=1") == "'\t=1"
+
+
+def test_a_site_rebuild_keeps_files_it_did_not_write_and_cleans_dead_builds(tmp_path, seeded_db):
+    import json
+    import os
+    import subprocess
+    _store_label(seeded_db, "k4", "evil\u202etxt.exe", 2.0)
+    out = tmp_path / "site"
+    assert CliRunner().invoke(main, ["site", "build", "--db", str(seeded_db), "--out", str(out)]).exit_code == 0
+    written = json.loads((out / ".fbh-site").read_text())["files"]
+    assert "index.html" in written and all(not Path(f).is_absolute() for f in written)
+    (out / "CNAME").write_text("leaderboard.example.org\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        old = time.time() - 3600
+        stale = tmp_path / f".site.staging-{dead.pid}-abc"
+        in_use = tmp_path / f".site.staging-{live.pid}-def"
+        fresh = tmp_path / f".site.old-{dead.pid}-123"
+        for folder in (stale, in_use, fresh):
+            folder.mkdir()
+            (folder / "index.html").write_text("half a site")
+        for folder in (stale, in_use):
+            os.utime(folder, (old, old))
+        res = CliRunner().invoke(main, ["site", "build", "--db", str(seeded_db), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert not stale.exists() and in_use.exists() and fresh.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert (out / "CNAME").read_text() == "leaderboard.example.org\n" and (out / "index.html").exists()
+    pages = "".join(p.read_text() for p in out.rglob("*.html"))
+    assert "\u202e" not in pages
+
+
+def test_a_site_folder_without_a_manifest_is_refused_and_left_alone(tmp_path, seeded_db):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    (out / ".fbh-site").write_text("built by `fbh site build`; a rebuild replaces this directory\n")  # older fbh
+    res = CliRunner().invoke(main, ["site", "build", "--db", str(seeded_db), "--out", str(out)])
+    check_error(res, str(out), "--out")
+    assert (out / "thesis.tex").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == [
+        ".fbh-site", "thesis.tex"]
+
+
+def test_stale_zoo_build_folders_of_dead_processes_are_removed_and_no_live_ones(fbh_env):
+    import os
+    import subprocess
+    from conftest import SMALL_RECIPE
+    from harness.zoo import ensure_built
+    zoo = fbh_env / "cache" / "zoo"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    old = time.time() - 3600
+    stale = zoo / f"tiny_vision-000000000000.partial-{dead.pid}"
+    stale_result = zoo / f"tiny_vision-000000000000.partial-{dead.pid}.result.json"
+    in_use = zoo / f"tiny_vision-111111111111.partial-{live.pid}"
+    fresh = zoo / f"tiny_vision-222222222222.partial-{dead.pid}"
+    try:
+        for folder in (stale, in_use, fresh):
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half")
+        stale_result.write_text("{}")
+        for path in (stale, stale_result, in_use):
+            os.utime(path, (old, old))
+        ensure_built("tiny_vision", SMALL_RECIPE)
+        assert not stale.exists() and not stale_result.exists() and in_use.exists() and fresh.exists()
+    finally:
+        live.kill()
+        live.wait()
+        for folder in (stale, in_use, fresh):
+            subprocess.run(["rm", "-rf", str(folder)])
+
+
+def test_a_suite_named_twice_runs_once(tmp_path, fbh_env):
+    db = tmp_path / "results.duckdb"
+    twice = ["--suite", "tiny-small", "--suite", "tiny-small"]
+    assert submit_good(tmp_path, db, *twice, seconds=600).exit_code == 0  # real runs, on a loaded machine
+    res = submit_good(tmp_path, db, *twice)
+    assert res.exit_code == 0 and res.output.count("cached") == 5, res.output
