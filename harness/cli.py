@@ -376,7 +376,7 @@ def site():
 @site.command("build")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("_site"), show_default=True,
-              help="directory to write the site into (replaced if it holds an earlier build)")
+              help="directory to write the site into (files an earlier build wrote are replaced, others kept)")
 def site_build(db, out):
     """Render every suite's leaderboard, robustness and generalization tables, plots and
     per-submission pages from the results database into a static site that works offline."""

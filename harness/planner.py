@@ -77,11 +77,7 @@ def find_suite(name: str) -> tuple[SuiteSpec, Path]:
     if path is None:
         raise FbhError(f"unknown suite '{name}'", field="--suite",
                        fix=f"use one of: {', '.join(files) or '(no suites found)'} (see `fbh suites list`)")
-    suite = check_suite(load_suite(path), path)
-    if suite.name != path.stem:
-        raise FbhError(f"suite name '{suite.name}' does not match its file name", file=str(path), field="name",
-                       fix=f"rename the file to {suite.name}.yaml or set name: {path.stem}")
-    return suite, path
+    return check_suite(load_suite(path), path), path
 
 
 def check_suite(suite: SuiteSpec, path: Path) -> SuiteSpec:
@@ -90,6 +86,9 @@ def check_suite(suite: SuiteSpec, path: Path) -> SuiteSpec:
     both make them, before anything is written."""
     from harness.families import FAMILIES
     from harness.suites import check_local_inputs
+    if suite.name != Path(path).stem:  # `--suite NAME` finds suites/NAME.yaml
+        raise FbhError(f"suite name '{suite.name}' does not match its file name", file=str(path), field="name",
+                       fix=f"rename the file to {suite.name}.yaml or set name: {Path(path).stem}")
     if suite.family.kind not in FAMILIES:
         raise FbhError(f"unknown model family '{suite.family.kind}'", file=str(path), field="family.kind",
                        fix=f"use one of: {', '.join(sorted(FAMILIES))}")

@@ -145,6 +145,7 @@ SUITES = [
      "references.published[0].values.digits"),
     ("suite-severity-bool", _set(["corruptions", 0, "severity"], True), "corruptions[0].severity"),
     ("suite-published-unknown-task", _set(["references", "published", 0, "values", "nope"], 1.0), "(top level)"),
+    ("suite-name-not-its-file-name", _set(["name"], "tiny-other"), "name"),
     # Typed zoo recipes: refused before any build, naming the recipe key.
     ("suite-recipe-not-an-int", _set(["family", "zoo", "recipe", "n_test"], "many"), "family.zoo.recipe.n_test"),
     ("suite-recipe-huge", _set(["family", "zoo", "recipe", "n_train"], 10 ** 9), "family.zoo.recipe.n_train"),
