@@ -477,7 +477,11 @@ def check_refs_stay_inside(suite: SuiteSpec, path: Path) -> None:
         if ref.startswith("zoo://"):
             escapes = Path(rel).is_absolute() or ".." in Path(rel).parts
         else:
-            escapes = not (path.resolve().parent / rel).resolve().is_relative_to(root)
+            try:
+                escapes = not (path.resolve().parent / rel).resolve().is_relative_to(root)
+            except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+                raise FbhError(f"'{ref}' cannot be resolved ({getattr(exc, 'strerror', None) or exc})",
+                               file=str(path), field=field, fix="check the path and its links") from None
         if escapes:
             raise FbhError(f"'{ref}' points outside the {'zoo' if ref.startswith('zoo://') else 'repository'}",
                            file=str(path), field=field,

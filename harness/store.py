@@ -204,8 +204,13 @@ class Store:
         self._held: duckdb.DuckDBPyConnection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            special = self.path.exists() and not self.path.is_file() and not self.path.is_dir()
         except OSError as exc:
             raise database_error(self.path, exc) from None
+        if special:  # a FIFO or a device: DuckDB would wait on it for ever
+            from harness.errors import FbhError
+            raise FbhError("the results database path is not a regular file (a pipe or a device)",
+                           file=str(self.path), fix=DB_FIX)
         version = self._schema_version()
         if version == SCHEMA_VERSION:
             return  # an up-to-date database is not written to by merely opening it

@@ -230,7 +230,7 @@ def local_input_problem(spec: SuiteSpec, field: str, repo_type: str, path: Path)
                                               and (field.startswith("family.experts.") or field == "references.mtl"))
     if weight_file:
         if not path.is_file():
-            return "is a folder, but this field names one weights file", "point it at a .safetensors file"
+            return "is not a regular file, but this field names one weights file", "point it at a .safetensors file"
         if path.suffix in (".bin", ".pt", ".pth") and field != "family.heads":
             return None if pickle_ok else ("is a pickle checkpoint", PICKLE_FIX)
         if path.suffix != ".safetensors":
@@ -262,10 +262,11 @@ def check_local_inputs(spec: SuiteSpec, file: Path) -> None:
     for field, ref, repo_type in model_refs(spec):
         if not ref.startswith(("/", "./", "../")):
             continue  # zoo:// and hub ids
-        path = Path(resolve(ref, field))
         try:
+            path = Path(resolve(ref, field))
             problem = local_input_problem(spec, field, repo_type, path) if path.exists() else None
-        except OSError as exc:
-            problem = (f"cannot be read ({exc.strerror or exc})", "check the path and its permissions")
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            problem = (f"cannot be read ({getattr(exc, 'strerror', None) or exc})",
+                       "check the path, its links and its permissions")
         if problem:
             raise FbhError(f"'{ref}' {problem[0]}", file=str(file), field=field, fix=problem[1])

@@ -309,7 +309,12 @@ def _truncated(path):
     path.write_bytes(data[: len(data) // 3])
 
 
-BAD_DATABASES = [("a-folder", lambda p: p.mkdir()), ("random-bytes", _random_bytes),
+def _fifo_db(path):
+    import os
+    os.mkfifo(path)  # DuckDB would wait on it for ever
+
+
+BAD_DATABASES = [("a-folder", lambda p: p.mkdir()), ("a-fifo", _fifo_db), ("random-bytes", _random_bytes),
                  ("empty-file", lambda p: p.write_bytes(b"")), ("sqlite-file", _sqlite),
                  ("another-programs-duckdb", _other_duckdb), ("truncated", _truncated)]
 
@@ -329,7 +334,7 @@ def test_a_bad_results_database_is_one_clear_error(case, make, tmp_path, fbh_env
         res = CliRunner().invoke(main, [*args, "--db", str(db)])
         assert res.exit_code == 2 and "Traceback" not in res.output, (args, res.output)
         assert str(db) in res.output and "fix:" in res.output and time.monotonic() - started < 60
-    if case != "a-folder":
+    if db.is_file():
         assert db_fingerprint(db) == before
 
 
@@ -388,6 +393,24 @@ def _heads_as_pickle(tmp):
     return str(path)
 
 
+def _symlink_loop(tmp):
+    (tmp / "loop-a").symlink_to(tmp / "loop-b")
+    (tmp / "loop-b").symlink_to(tmp / "loop-a")
+    return str(tmp / "loop-a")
+
+
+def _relative_symlink_loop(tmp):
+    (tmp / "suites" / "loop-a").symlink_to("loop-b")
+    (tmp / "suites" / "loop-b").symlink_to("loop-a")
+    return "./loop-a"
+
+
+def _fifo(tmp):
+    import os
+    os.mkfifo(tmp / "heads.safetensors")  # reading it would wait for ever
+    return str(tmp / "heads.safetensors")
+
+
 LOCAL_INPUTS = [("pickle-expert-file", ["family", "experts", "shapes"], _pickle_file, "pickle"),
                 ("expert-with-only-pytorch-model-bin", ["family", "experts", "shapes"],
                  _folder_with_only_pickle_weights, "pickle"),
@@ -395,7 +418,12 @@ LOCAL_INPUTS = [("pickle-expert-file", ["family", "experts", "shapes"], _pickle_
                 ("mtl-without-config", ["references", "mtl"], _folder_without_config, "config.json"),
                 ("dataset-not-saved-by-datasets", ["tasks", 1, "dataset"], _folder_that_is_no_dataset,
                  "dataset_dict.json"),
-                ("heads-a-pickle", ["family", "heads"], _heads_as_pickle, ".safetensors")]
+                ("heads-a-pickle", ["family", "heads"], _heads_as_pickle, ".safetensors"),
+                ("heads-a-fifo", ["family", "heads"], _fifo, "not a regular file"),
+                ("dataset-a-device", ["tasks", 1, "dataset"], lambda tmp: "/dev/zero", "not a dataset folder"),
+                ("base-symlink-loop", ["family", "base"], _symlink_loop, "cannot be read"),
+                ("base-relative-symlink-loop", ["family", "base"], _relative_symlink_loop, "cannot be resolved"),
+                ("base-name-too-long", ["family", "base"], lambda tmp: "/" + "a" * 5000, "cannot be read")]
 
 
 @pytest.mark.parametrize("case,where,make,says", LOCAL_INPUTS, ids=[c[0] for c in LOCAL_INPUTS])
@@ -486,7 +514,7 @@ def test_every_size_like_method_param_is_bounded():
     assert unbounded == []
 
 
-# ----------------------------------------------------------------------------- broken disks under the database and cache
+# ----------------------------------------------------------------------------- broken disks under the database, cache
 
 def _mount_tmpfs(path: Path, options: str) -> None:
     import os
