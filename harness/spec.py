@@ -25,6 +25,9 @@ MAX_TASKS = 64
 MAX_LIST = 256              # corruptions, splits, published rows, metrics, columns, suites
 MAX_CLASSES = 100_000
 MAX_TEMPLATES = 1_000
+MAX_PROMPTS = 1_000_000     # classes x templates of one task: each prompt is one text encoding
+MAX_SPLITS = 16             # generalization splits: each is one more fusion (grid: one more search) per submission
+MAX_TEXT = 4000             # descriptions; titles, labels and sources are shorter
 MAX_GRID_VALUES = 64        # values of one grid key
 MAX_GRID_KEYS = 8
 MAX_GRID_POINTS = 256       # fusions a grid search may queue per setting: the product of its sizes
@@ -97,6 +100,14 @@ class TaskSpec(Strict):
                                                     "text-to-text '{column}' for dataset columns")
 
     @model_validator(mode="after")
+    def _bounded_prompts(self) -> "TaskSpec":
+        prompts = len(self.classes or []) * len(self.templates or [])
+        if prompts > MAX_PROMPTS:
+            raise ValueError(f"task '{self.name}' has {prompts} prompts ({len(self.classes)} classes x "
+                             f"{len(self.templates)} templates); at most {MAX_PROMPTS} are allowed")
+        return self
+
+    @model_validator(mode="after")
     def _distinct_metrics(self) -> "TaskSpec":
         metrics = [self.metric, *self.extra_metrics]
         if len(set(metrics)) != len(metrics):
@@ -121,8 +132,9 @@ class GeneralizationSpec(Strict):
 
 class PublishedRow(Strict):
     label: str = Field(min_length=1, max_length=120)
-    method: str | None = None
-    source: str = Field(min_length=1, description="where the numbers come from, e.g. 'FusionBench Table 3'")
+    method: str | None = Field(None, max_length=64)
+    source: str = Field(min_length=1, max_length=500,
+                        description="where the numbers come from, e.g. 'FusionBench Table 3'")
     tolerance: float = Field(0.5, ge=0, le=100)
     split: str | None = Field(None, description="generalization split name, if the row is for one")
     condition: str = "clean"
@@ -147,13 +159,13 @@ class ReferencesSpec(Strict):
 
 class SuiteSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    title: str | None = None
-    description: str = ""
+    title: str | None = Field(None, max_length=200)
+    description: str = Field("", max_length=MAX_TEXT)
     default: bool = Field(False, description="run by `fbh submit` when no --suite is given")
     family: FamilySpec
     tasks: list[TaskSpec] = Field(min_length=1, max_length=MAX_TASKS)
     corruptions: list[CorruptionSpec] = Field(default_factory=list, max_length=MAX_LIST)
-    generalization: list[GeneralizationSpec] = Field(default_factory=list, max_length=MAX_LIST)
+    generalization: list[GeneralizationSpec] = Field(default_factory=list, max_length=MAX_SPLITS)
     references: ReferencesSpec = Field(default_factory=ReferencesSpec)
     eval_batch_size: int = Field(256, ge=1, le=65536)
     precision: Literal["float32", "bfloat16", "float16"] = Field(
@@ -187,11 +199,6 @@ class SuiteSpec(Strict):
             unknown = [n for n in (c.tasks or []) if n not in names]
             if unknown:
                 raise ValueError(f"corruption '{c.name}' names unknown tasks {unknown}")
-        for i, row in enumerate(self.references.published):
-            unknown = sorted((set(row.values) | set(row.extra_values)) - set(names))
-            if unknown:
-                raise ValueError(f"references.published[{i}] ('{row.label}') names unknown tasks {unknown}; "
-                                 "use the suite's task names")
         models = {self.family.base, self.family.processor, self.family.heads, self.references.mtl,
                   *self.family.experts.values()}
         unpinned = sorted(set(self.family.revisions) - models)
@@ -217,7 +224,7 @@ GridValue = list[Any]
 class SubmissionSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     method: str = Field(min_length=1, max_length=64)
-    description: str = Field("", max_length=4000)
+    description: str = Field("", max_length=MAX_TEXT)
     authors: str = Field("", max_length=500)
     url: str | None = Field(None, max_length=500)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -422,9 +429,34 @@ def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
 def load_suite(path: Path) -> SuiteSpec:
     suite = parse(SuiteSpec, read_yaml(path), str(path), "suite")
     check_refs_stay_inside(suite, Path(path))
+    check_published_rows(suite, Path(path))
     check_settings_are_distinct(suite, Path(path))
     check_conditions_are_distinct(suite, Path(path))
     return suite
+
+
+def check_published_rows(suite: SuiteSpec, path: Path) -> None:
+    """A published row is stored as it is, so it may only name the suite's tasks, their declared extra
+    metrics, its generalization splits and its conditions: anything else would be a row no table shows."""
+    names = set(suite.task_names)
+    splits = {g.name for g in suite.generalization}
+    conditions = {"clean"} | {c.name for c in suite.corruptions}
+    for i, row in enumerate(suite.references.published):
+        where = f"references.published[{i}]"
+        problems = [("values", sorted(set(row.values) - names), "unknown tasks", "use the suite's task names"),
+                    ("extra_values", sorted(set(row.extra_values) - names), "unknown tasks",
+                     "use the suite's task names"),
+                    ("extra_values", sorted(f"{t}:{m}" for t, by in row.extra_values.items() if t in names
+                                            for m in by if m not in suite.task(t).extra_metrics),
+                     "metrics its tasks do not declare in extra_metrics", "declare them, or remove them"),
+                    ("split", [row.split] if row.split is not None and row.split not in splits else [],
+                     "an unknown generalization split", f"use one of {sorted(splits)}, or drop split"),
+                    ("condition", [row.condition] if row.condition not in conditions else [],
+                     "an unknown condition", f"use one of {sorted(conditions)}")]
+        for field, bad, what, fix in problems:
+            if bad:
+                raise FbhError(f"published row '{row.label}' names {what}: {bad}", file=str(path),
+                               field=f"{where}.{field}", fix=fix)
 
 
 def check_settings_are_distinct(suite: SuiteSpec, path: Path) -> None:
