@@ -26,20 +26,27 @@ def cache_error(exc: OSError, path: Path | str | None = None):
     if exc.errno == errno.ENOSPC:
         return FbhError(f"the disk holding the fbh cache is full ({exc.strerror})", file=where, field="FBH_CACHE",
                         fix="free space, or " + CACHE_FIX)
-    if cache_dir().is_file():
+    if _is_file(cache_dir()):
         return FbhError("the fbh cache path is a file, not a folder", file=str(cache_dir()), field="FBH_CACHE",
                         fix=CACHE_FIX)
     return FbhError(f"cannot write the fbh cache: {exc.strerror or exc}", file=where, field="FBH_CACHE",
                     fix=CACHE_FIX)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name too long to look up
+        return False
+
+
 def writable_cache() -> Path:
     """The cache folder, created if need be and proven writable (a few bytes written and removed), before
     work that must write it starts; else one FbhError naming it and the fix."""
     root = cache_dir()
-    if root.exists() and not root.is_dir():
-        raise cache_error(OSError(errno.ENOTDIR, "not a folder", str(root)))
     try:
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(root))
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=root) as probe:
             probe.write(b"\0" * 4096)

@@ -610,14 +610,28 @@ def test_a_full_disk_under_the_database_is_one_clear_error_and_changes_nothing(t
     assert "fix:" in res.output and db_fingerprint(db) == before
 
 
-def test_a_cache_path_that_is_a_file_is_one_clear_error(tmp_path, seeded_db, monkeypatch):
-    cache = tmp_path / "cache-file"
-    cache.write_text("not a folder")
+def _cache_file(tmp):
+    (tmp / "cache-file").write_text("not a folder")
+    return tmp / "cache-file", "is a file"
+
+
+def _cache_under_a_file(tmp):
+    (tmp / "cache-file").write_text("not a folder")
+    return tmp / "cache-file" / "fbh", "Not a directory"
+
+
+BAD_CACHE_PATHS = [("a-file", _cache_file), ("under-a-file", _cache_under_a_file),
+                   ("name-too-long", lambda tmp: (Path("/" + "c" * 5000), "too long"))]
+
+
+@pytest.mark.parametrize("case,make", BAD_CACHE_PATHS, ids=[c[0] for c in BAD_CACHE_PATHS])
+def test_a_cache_path_that_cannot_be_a_folder_is_one_clear_error(case, make, tmp_path, seeded_db, monkeypatch):
+    cache, says = make(tmp_path)
     monkeypatch.setenv("FBH_CACHE", str(cache))
     before = db_fingerprint(seeded_db)
     res = submit_good(tmp_path, seeded_db)
-    check_error(res, str(cache), "FBH_CACHE")
-    assert "is a file" in res.output and db_fingerprint(seeded_db) == before
+    check_error(res, str(cache)[:60], "FBH_CACHE")
+    assert says in res.output and db_fingerprint(seeded_db) == before
 
 
 def test_a_read_only_cache_is_one_clear_error(tmp_path, seeded_db, monkeypatch, read_only_folder):
