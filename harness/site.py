@@ -425,8 +425,17 @@ def build(store: Store, out: Path | str) -> BuildReport:
     (MARKER) lists: anything else in `out` (a Pages CNAME, a README) is carried into the new site.
     `out` must be absent, empty, or hold such a manifest; a folder with other files and no manifest is
     refused, as fbh cannot tell what in it is its own."""
-    started = time.perf_counter()
     out = Path(out).resolve()
+    try:
+        return _build(store, out)
+    except OSError as exc:  # the folder's disk: full, read-only, or a path through a file
+        raise FbhError(f"cannot write the site: {exc.strerror or exc}", file=str(exc.filename or out), field="--out",
+                       fix="pass a folder you can write, on a disk with free space; the previous site, if any, "
+                           "is unchanged") from None
+
+
+def _build(store: Store, out: Path) -> BuildReport:
+    started = time.perf_counter()
     keep = files_to_keep(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out.parent, f".{glob.escape(out.name)}.*")  # work folders of builds whose process died
@@ -440,7 +449,11 @@ def build(store: Store, out: Path | str) -> BuildReport:
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}-{time.time_ns()}")
             out.rename(old)
-            staging.rename(out)
+            try:
+                staging.rename(out)
+            except BaseException:
+                old.rename(out)  # the previous site back in place
+                raise
             shutil.rmtree(old)
         else:
             staging.rename(out)

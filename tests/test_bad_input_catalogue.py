@@ -779,3 +779,18 @@ def test_a_suite_named_twice_runs_once(tmp_path, fbh_env):
     assert submit_good(tmp_path, db, *twice, seconds=600).exit_code == 0  # real runs, on a loaded machine
     res = submit_good(tmp_path, db, *twice)
     assert res.exit_code == 0 and res.output.count("cached") == 5, res.output
+
+
+def test_a_site_on_a_full_or_read_only_disk_is_one_clear_error_and_the_old_site_stays(
+        tmp_path, seeded_db, full_disk, read_only_folder):
+    out = full_disk / "site"
+    assert CliRunner().invoke(main, ["site", "build", "--db", str(seeded_db), "--out", str(out)]).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fill_disk(full_disk)
+    for target in (out, read_only_folder / "site", tmp_path / "sub.yaml" / "site"):
+        (tmp_path / "sub.yaml").write_text("name: x\n")
+        started = time.monotonic()
+        res = CliRunner().invoke(main, ["site", "build", "--db", str(seeded_db), "--out", str(target)])
+        check_error(res, str(target.parent), "--out", started)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "site"]
