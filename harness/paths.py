@@ -57,8 +57,9 @@ def writable_cache() -> Path:
     return root
 
 
-def in_cache(path: str | os.PathLike | None) -> bool:
-    return path is not None and Path(os.fspath(path)).resolve().is_relative_to(cache_dir().resolve())
+def in_cache(path) -> bool:
+    """Whether an OSError's filename (a path, or None, bytes or a descriptor number) lies in the cache."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).resolve().is_relative_to(cache_dir().resolve())
 
 
 def suites_dir() -> Path:

@@ -228,7 +228,8 @@ def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = No
     missing = [t.name for t in suite.tasks if t.validation_split is None]
     if sub.grid and missing:
         raise FbhError(f"a grid is selected on validation splits, but suite '{suite.name}' tasks {missing} "
-                       "declare none", file=file, field="grid", fix="submit fixed params, or declare validation splits")
+                       "declare none", file=file, field="grid",
+                       fix="submit fixed params, or declare validation splits")
 
 
 def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]], done_keys: set[str], *,

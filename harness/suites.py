@@ -207,10 +207,14 @@ def check_suite(spec: SuiteSpec, file: Path) -> SuiteCheck:
 # names is the kind of thing its field needs: a model folder (config and safetensors weights), a
 # weights file, a heads file, a datasets folder. Without this, `/etc` as a base, `/etc/passwd` as a
 # dataset or a pickled expert failed only once the family loaded them, after the submission's and
-# the suite's rows were written. Zoo inputs are built by fbh and checked against their manifest;
-# hub inputs are checked when their snapshot is resolved.
+# the suite's rows were written. Zoo inputs are built by fbh and checked against their manifest. Hub
+# inputs are not looked into here (planning only finds their snapshot's commit): the families refuse
+# a pickle-only hub snapshot when they load it.
 
 MODEL_FOLDER_FIX = "point it at a save_pretrained folder (config.json and *.safetensors weights)"
+DATASET_FIX = "point it at a folder written by datasets' save_to_disk"
+WEIGHTS_FILE_FIX = "point it at a .safetensors file"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 PICKLE_FIX = "convert it to safetensors (safetensors.torch.save_file), or set family.allow_pickle: true " \
              "if you trust its author (a pickle runs code when it is loaded)"
 
@@ -218,39 +222,54 @@ PICKLE_FIX = "convert it to safetensors (safetensors.torch.save_file), or set fa
 def local_input_problem(spec: SuiteSpec, field: str, repo_type: str, path: Path) -> tuple[str, str] | None:
     """(what is wrong, fix) when the existing local `path` is not the kind of input `field` needs."""
     fam = spec.family
-    pickle_ok = fam.allow_pickle
     if repo_type == "dataset":
-        if not path.is_dir():
-            return "is a file, not a dataset folder", "point it at a folder written by datasets' save_to_disk"
-        if not any((path / name).is_file() for name in SAVED_DATA):
-            return (f"is not a datasets folder (no {' or '.join(SAVED_DATA)})",
-                    "point it at a folder written by datasets' save_to_disk")
-        return None
-    weight_file = field == "family.heads" or (fam.kind == "open_clip_vision"
-                                              and (field.startswith("family.experts.") or field == "references.mtl"))
-    if weight_file:
-        if not path.is_file():
-            return "is not a regular file, but this field names one weights file", "point it at a .safetensors file"
-        if path.suffix in (".bin", ".pt", ".pth") and field != "family.heads":
-            return None if pickle_ok else ("is a pickle checkpoint", PICKLE_FIX)
-        if path.suffix != ".safetensors":
-            return f"is not a .safetensors file ({path.name})", "point it at a .safetensors file"
-        return None
+        return _dataset_problem(path)
+    if field == "family.heads":
+        return _weights_file_problem(path, pickles="never")  # the families read heads with safetensors only
+    if fam.kind == "open_clip_vision" and (field.startswith("family.experts.") or field == "references.mtl"):
+        return _weights_file_problem(path, pickles="allowed" if fam.allow_pickle else "opt-in")
+    return _model_folder_problem(spec, field, path)
+
+
+def _dataset_problem(path: Path) -> tuple[str, str] | None:
     if not path.is_dir():
-        pickled = path.suffix in (".bin", ".pt", ".pth")
-        return (("is a pickle checkpoint file" if pickled else "is a file") + ", not a model folder",
-                PICKLE_FIX if pickled and not pickle_ok else MODEL_FOLDER_FIX)
-    config = ("open_clip_config.json",) if fam.kind == "open_clip_vision" else ()
-    for group in (config,) if config else expected_files(spec, field, repo_type, local=True):
-        if not _found(path, group):
-            weights = set(group) & set(WEIGHTS)
-            if weights and any(_found(path, (p,)) for p in PICKLED_WEIGHTS):
-                return "holds only pickle weights (*.bin / *.pt)", PICKLE_FIX
-            fix = (f"point it at the folder of the processor's files ({' or '.join(group)})"
-                   if field == "family.processor" else MODEL_FOLDER_FIX)
-            return f"is not a model folder: it has no {' or '.join(group)}", fix
-    if config and not _found(path, WEIGHTS + (PICKLED_WEIGHTS if pickle_ok else ())):
-        return "holds no safetensors weights", PICKLE_FIX
+        return "is not a folder, so not a dataset folder", DATASET_FIX
+    if not any((path / name).is_file() for name in SAVED_DATA):
+        return f"is not a datasets folder (no {' or '.join(SAVED_DATA)})", DATASET_FIX
+    return None
+
+
+def _weights_file_problem(path: Path, pickles: str) -> tuple[str, str] | None:
+    """pickles: 'allowed' (family.allow_pickle is set), 'opt-in' (it could be) or 'never'."""
+    if not path.is_file():
+        return "is not a regular file, but this field names one weights file", WEIGHTS_FILE_FIX
+    if path.suffix in PICKLE_SUFFIXES and pickles == "allowed":
+        return None
+    if path.suffix in PICKLE_SUFFIXES and pickles == "opt-in":
+        return "is a pickle checkpoint", PICKLE_FIX
+    if path.suffix != ".safetensors":
+        return f"is not a .safetensors file ({path.name})", WEIGHTS_FILE_FIX
+    return None
+
+
+def _model_folder_problem(spec: SuiteSpec, field: str, path: Path) -> tuple[str, str] | None:
+    fam = spec.family
+    if not path.is_dir():
+        if path.suffix in PICKLE_SUFFIXES:
+            return "is a pickle checkpoint file, not a model folder", PICKLE_FIX if not fam.allow_pickle \
+                else MODEL_FOLDER_FIX
+        return "is a file, not a model folder", MODEL_FOLDER_FIX
+    open_clip = fam.kind == "open_clip_vision"
+    weights = WEIGHTS + (PICKLED_WEIGHTS if fam.allow_pickle else ())
+    groups = (("open_clip_config.json",), weights) if open_clip else expected_files(spec, field, "model", local=True)
+    for group in groups:
+        if _found(path, group):
+            continue
+        if set(group) & set(WEIGHTS) and any(_found(path, (p,)) for p in PICKLED_WEIGHTS):
+            return "holds only pickle weights (*.bin / *.pt)", PICKLE_FIX
+        fix = (f"point it at the folder of the processor's files ({' or '.join(group)})"
+               if field == "family.processor" else MODEL_FOLDER_FIX)
+        return f"is not a model folder: it has no {' or '.join(group)}", fix
     return None
 
 
