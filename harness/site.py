@@ -454,7 +454,7 @@ def _build(store: Store, out: Path) -> BuildReport:
             except BaseException:
                 old.rename(out)  # the previous site back in place
                 raise
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # the new site is in place; a later build removes leftovers
         else:
             staging.rename(out)
     except BaseException:

@@ -22,7 +22,7 @@ NAME_FIX = "use 1-64 lower-case letters, digits, '.', '_' or '-', starting with 
 # Caps on what a spec may ask for: generous for any real benchmark, finite so that a typo or a
 # hostile file is refused at once instead of queueing work without end (README, "What specs may hold").
 MAX_TASKS = 64
-MAX_LIST = 256              # corruptions, splits, published rows, metrics, columns, suites
+MAX_LIST = 256              # corruptions, published rows, metrics, columns, suites
 MAX_CLASSES = 100_000
 MAX_TEMPLATES = 1_000
 MAX_PROMPTS = 1_000_000     # classes x templates of one task: each prompt is one text encoding
