@@ -273,14 +273,32 @@ def _model_folder_problem(spec: SuiteSpec, field: str, path: Path) -> tuple[str,
     return None
 
 
+def hub_pickle_problem(spec: SuiteSpec, ref: str) -> tuple[str, str] | None:
+    """A hub model whose snapshot in the local cache holds pickle weights only, while the suite does not
+    allow pickles (a model not downloaded yet is the availability check's to report)."""
+    from harness.identity import revision_for
+    if spec.family.allow_pickle:
+        return None
+    snapshot = _hub_snapshot(ref, "model", revision_for(spec, ref))
+    if snapshot is not None and not _found(snapshot, WEIGHTS) and _found(snapshot, PICKLED_WEIGHTS):
+        return f"holds only pickle weights in its local snapshot ({snapshot.name})", PICKLE_FIX
+    return None
+
+
 def check_local_inputs(spec: SuiteSpec, file: Path) -> None:
-    """Raise FbhError (file, field, fix) for the first local input that is not the kind its field needs."""
+    """Raise FbhError (file, field, fix) for the first local input that is not the kind its field needs,
+    or hub model whose downloaded snapshot is pickles only."""
     from harness.errors import FbhError
     from harness.identity import model_refs
     resolve = Resolver(file, None)
     for field, ref, repo_type in model_refs(spec):
+        if ref.startswith(ZOO_PREFIX):
+            continue
         if not ref.startswith(("/", "./", "../")):
-            continue  # zoo:// and hub ids
+            problem = hub_pickle_problem(spec, ref) if repo_type == "model" else None
+            if problem:
+                raise FbhError(f"hub model '{ref}' {problem[0]}", file=str(file), field=field, fix=problem[1])
+            continue
         try:
             path = Path(resolve(ref, field))
             problem = local_input_problem(spec, field, repo_type, path) if path.exists() else None

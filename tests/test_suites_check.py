@@ -99,3 +99,23 @@ def test_local_paths_and_zoo_suites(private_env, monkeypatch):
     (private_env / "suites" / "tiny-small.yaml").write_text(yaml.safe_dump(small_suite_spec()))
     result = check("tiny-small")
     assert result.inputs == [] and result.runnable and "builds offline" in result.note
+
+
+def test_a_hub_model_downloaded_as_pickles_only_is_refused_by_validate_and_submit(private_env, monkeypatch):
+    """Caught from the local snapshot before anything is written, as a local pickle is; allow_pickle lets it by."""
+    cache = hub_cache(private_env, monkeypatch)
+    write_hub_suite(private_env)
+    fake_hub_snapshot(cache, "org/base", COMMIT, MODEL_FILES | {"tokenizer.json": b"{}"})
+    fake_hub_snapshot(cache, "org/cola-expert", COMMIT, {"config.json": b"{}", "pytorch_model.bin": b"\x80"})
+    from harness.cli import main
+    path = private_env / "suites" / "hubby.yaml"
+    sub = private_env / "sub.yaml"
+    sub.write_text("name: ok-sub\nmethod: task_arithmetic\n")
+    for args in (["validate", str(path)], ["submit", str(sub), "--suite", "hubby"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert "field 'family.experts.cola'" in res.output and "only pickle weights" in res.output
+        assert "allow_pickle" in res.output
+    assert not (private_env / "results.duckdb").exists()
+    write_hub_suite(private_env, allow_pickle=True)
+    assert CliRunner().invoke(main, ["validate", str(path)]).exit_code == 0
