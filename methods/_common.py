@@ -52,3 +52,32 @@ def orthogonalize(m: Tensor) -> Tensor:
 
 def sum_task_vectors(task_vectors: Sequence[StateDict]) -> StateDict:
     return {k: torch.stack([tv[k] for tv in task_vectors]).sum(0) for k in task_vectors[0]}
+
+
+def majority_sign_mask(deltas: Tensor) -> Tensor:
+    """mergekit's TIES sign consensus over stacked [N, ...] deltas: the elected sign is + where
+    the deltas sum to >= 0, else -; an entry is kept where its sign equals it (zeros never are).
+    Unlike methods/ties_merging.py, a sum of exactly zero elects +, as mergekit does."""
+    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return deltas.sign() == elected
+
+
+def l1_rescaled(t: Tensor, keep: Tensor, eps: float = 1e-7) -> Tensor:
+    """t * keep, scaled back to t's L1 norm (mergekit's rescale of a sparsified task vector);
+    unscaled when either norm is below eps."""
+    masked = t * keep
+    before, after = t.abs().sum(), masked.abs().sum()
+    return masked if before < eps or after < eps else masked * (before / after)
+
+
+def mix_deltas(deltas: Tensor, sign_consensus: bool, normalize: bool) -> Tensor:
+    """mergekit's generalized task arithmetic over stacked [N, ...] sparsified deltas, every
+    expert of weight 1: their sum (with sign_consensus, of the entries agreeing with the
+    elected sign), divided by the number of contributors when normalize."""
+    if sign_consensus:
+        keep = majority_sign_mask(deltas).to(deltas.dtype)
+        mixed, count = (deltas * keep).sum(dim=0), keep.sum(dim=0)
+        count[count == 0] = 1
+    else:
+        mixed, count = deltas.sum(dim=0), torch.tensor(float(len(deltas)))
+    return mixed / count if normalize else mixed

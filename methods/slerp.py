@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import map_entries
 
 
@@ -34,7 +35,9 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float, ep
     return (torch.sin(theta - theta * t) * v0 + torch.sin(theta * t) * v1) / torch.sin(theta)
 
 
-@method("slerp", params=SlerpParams, category="merging")
+@method("slerp", params=SlerpParams, category="merging",
+        properties=Properties(one_expert={}, order_invariant=False,
+                              why="no scaling factor; more than two experts: a running spherical mean in task order"))
 def slerp_merge(ctx: FusionContext, p: SlerpParams):
     experts = ctx.experts
 
