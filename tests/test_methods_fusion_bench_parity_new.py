@@ -1,0 +1,40 @@
+"""Differential tests of the issue-21 merges that fusion-bench 0.2.33 implements (WUDI, ExPO):
+fbh's output equals fusion-bench's on the same tiny models (<= 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_differential_fusion_bench import assert_close, fb_module, float_state, modules
+from test_methods_a import fuse, tiny_states
+
+
+@pytest.fixture(scope="module")
+def states():
+    return tiny_states()
+
+
+@pytest.mark.parametrize("iter_num", [0, 25])
+def test_wudi(states, iter_num):
+    from fusion_bench.method.wudi.wudi import wudi_merging
+    base, experts = states
+    base_f = float_state(base)
+    task_vectors = [{k: float_state(e)[k] - v for k, v in base_f.items()} for e in experts.values()]
+    merged = wudi_merging(task_vectors, accelerator="cpu", iter_num=iter_num)
+    theirs = {k: v + merged[k].detach() for k, v in base_f.items()}
+    ours = fuse("wudi", base, experts, iter_num=iter_num)
+    assert_close(ours, theirs)
+    if iter_num:  # the optimisation moved the linear layers away from the plain sum it starts from
+        start = fuse("wudi", base, experts, iter_num=0)
+        assert not torch.allclose(ours["fc1.weight"], start["fc1.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+@pytest.mark.parametrize("n_experts", [1, 3])
+def test_expo(states, alpha, n_experts):
+    from fusion_bench.method.linear.expo import ExPOAlgorithm
+    base, experts = states
+    chosen = dict(list(experts.items())[:n_experts])
+    theirs = ExPOAlgorithm(extrapolation_factor=alpha).run({"_pretrained_": fb_module(base), **modules(chosen)})
+    assert_close(fuse("expo", base, chosen, extrapolation_factor=alpha), theirs)
