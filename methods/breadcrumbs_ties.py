@@ -17,19 +17,15 @@ gamma 0.01) with task arithmetic's lambda 0.3 for a sum.
 import torch
 from pydantic import Field
 
-from harness.api import FusionContext, Params, method
+from harness.api import FusionContext, method
 from harness.registry import Properties
-from harness.tensors import map_entries
-from methods._common import l1_rescaled, mix_deltas
+from methods._common import SparsifiedSumParams, l1_rescaled, sparsified_sum
 from methods.breadcrumbs import magnitude_band
 
 
-class BreadcrumbsTiesParams(Params):
-    scaling_factor: float = Field(0.3, ge=0.0, le=10.0, description="lambda")
+class BreadcrumbsTiesParams(SparsifiedSumParams):
     density: float = Field(0.14, gt=0.0, le=1.0, description="fraction of each tensor's entries kept")
     gamma: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of largest-magnitude entries dropped")
-    rescale: bool = Field(False, description="rescale survivors to the tensor's L1 norm")
-    normalize: bool = Field(False, description="average the agreeing entries instead of summing")
 
 
 def outlier_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -52,11 +48,4 @@ def sparsify(t: torch.Tensor, p: BreadcrumbsTiesParams) -> torch.Tensor:
         properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"density": 1.0, "scaling_factor": 1.0},
                               quick={"density": 0.5}))
 def breadcrumbs_ties(ctx: FusionContext, p: BreadcrumbsTiesParams):
-    experts = ctx.experts
-
-    def merge(key, base):
-        ref = base.float()
-        deltas = torch.stack([sparsify(e[key].float() - ref, p) for e in experts])
-        return ref + p.scaling_factor * mix_deltas(deltas, sign_consensus=True, normalize=p.normalize)
-
-    return map_entries(ctx.base, merge)
+    return sparsified_sum(ctx, lambda t: sparsify(t, p), sign_consensus=True, p=p)

@@ -17,18 +17,15 @@ methods/della.py, mergekit's epsilon 0.15, lambda 0.3 (task arithmetic's, for a 
 import torch
 from pydantic import Field, model_validator
 
-from harness.api import FusionContext, Params, method
+from harness.api import FusionContext, method
 from harness.registry import Properties
-from harness.tensors import map_entries
-from methods._common import l1_rescaled, mix_deltas
+from methods._common import SparsifiedSumParams, l1_rescaled, sparsified_sum
 
 
-class DellaLinearParams(Params):
-    scaling_factor: float = Field(0.3, ge=0.0, le=10.0, description="lambda")
+class DellaLinearParams(SparsifiedSumParams):
     density: float = Field(0.5, gt=0.0, le=1.0, description="mean keep probability")
     epsilon: float = Field(0.15, ge=0.0, lt=1.0, description="keep probabilities span density +- epsilon")
-    rescale: bool = Field(True, description="rescale survivors to the tensor's L1 norm")
-    normalize: bool = Field(False, description="average the sparsified task vectors instead of summing")
+    rescale: bool = Field(True, description="rescale survivors to the tensor's L1 norm (mergekit's default here)")
 
     @model_validator(mode="after")
     def probabilities_in_range(self):
@@ -54,11 +51,5 @@ def magprune(t: torch.Tensor, density: float, epsilon: float, rescale: bool, gen
         properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"density": 1.0, "scaling_factor": 1.0},
                               order_invariant=False, why="masks are drawn expert by expert from one seeded generator"))
 def della_linear(ctx: FusionContext, p: DellaLinearParams):
-    experts, g = ctx.experts, ctx.generator()
-
-    def merge(key, base):
-        ref = base.float()
-        deltas = torch.stack([magprune(e[key].float() - ref, p.density, p.epsilon, p.rescale, g) for e in experts])
-        return ref + p.scaling_factor * mix_deltas(deltas, sign_consensus=False, normalize=p.normalize)
-
-    return map_entries(ctx.base, merge)
+    g = ctx.generator()
+    return sparsified_sum(ctx, lambda t: magprune(t, p.density, p.epsilon, p.rescale, g), sign_consensus=False, p=p)

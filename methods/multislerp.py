@@ -20,6 +20,7 @@ from pydantic import Field
 from harness.api import FusionContext, Params, method
 from harness.registry import Properties
 from harness.tensors import map_entries
+from methods._common import origin
 from methods._weights import task_weights
 
 
@@ -60,7 +61,7 @@ def multislerp_merge(ctx: FusionContext, p: MultiSlerpParams):
     weights = torch.tensor(task_weights(ctx.tasks, p.weights, p.normalize_weights), dtype=torch.float32)
 
     def merge(key, base):
-        origin = base.float() if p.relative_to_base else torch.zeros_like(base, dtype=torch.float32)
-        return origin + multislerp([e[key].float() - origin for e in experts], weights, p.eps)
+        centre = origin(base, p.relative_to_base)
+        return centre + multislerp([e[key].float() - centre for e in experts], weights, p.eps)
 
     return map_entries(ctx.base, merge)

@@ -18,6 +18,7 @@ from pydantic import Field
 from harness.api import FusionContext, Params, method
 from harness.registry import Properties
 from harness.tensors import map_entries
+from methods._common import interpolate_all, origin
 
 
 class NuSlerpParams(Params):
@@ -48,19 +49,11 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten
 
 @method("nuslerp", params=NuSlerpParams, category="merging",
         properties=Properties(one_expert={}, order_invariant=False,
-                              why="no scaling factor; more than two experts: a running spherical mean in task order"))
+                              why="no scaling factor; beyond two experts (which mergekit refuses) a running mean in task order"))
 def nuslerp_merge(ctx: FusionContext, p: NuSlerpParams):
-    experts = ctx.experts
-
     def merge(key, base):
-        origin = base.float() if p.relative_to_base else torch.zeros_like(base, dtype=torch.float32)
-        vectors = [e[key].float() - origin for e in experts]
-        along = dict(dim=0 if p.row_wise else -1, flatten=p.flatten)
-        if len(vectors) == 2:
-            return origin + nuslerp(p.t, *vectors, **along)
-        running = vectors[0]
-        for i, v in enumerate(vectors[1:], start=2):
-            running = nuslerp(1 / i, running, v, **along)
-        return origin + running
+        centre = origin(base, p.relative_to_base)
+        return centre + interpolate_all([e[key].float() - centre for e in ctx.experts], p.t, lambda t, a, b: nuslerp(
+            t, a, b, dim=0 if p.row_wise else -1, flatten=p.flatten))
 
     return map_entries(ctx.base, merge)
