@@ -38,3 +38,16 @@ def test_expo(states, alpha, n_experts):
     chosen = dict(list(experts.items())[:n_experts])
     theirs = ExPOAlgorithm(extrapolation_factor=alpha).run({"_pretrained_": fb_module(base), **modules(chosen)})
     assert_close(fuse("expo", base, chosen, extrapolation_factor=alpha), theirs)
+
+
+@pytest.mark.parametrize("scaling,alpha", [(0.3, 0.1), (0.7, 1.0)])
+def test_svc_on_task_arithmetic(states, scaling, alpha):
+    from fusion_bench.method.singular_value_calibration.task_arithmetic import SingularValueCalibrationArithmeticTask
+    base, experts = states
+    algorithm = SingularValueCalibrationArithmeticTask(scaling_factor=scaling, alpha=alpha, accelerator="cpu")
+    theirs = algorithm.run({"_pretrained_": fb_module(base), **modules(experts)})
+    ours = fuse("svc", base, experts, scaling_factor=scaling, alpha=alpha)
+    assert_close(ours, theirs)
+    plain = fuse("task_arithmetic", base, experts, scaling_factor=scaling)
+    assert not torch.allclose(ours["fc1.weight"], plain["fc1.weight"], atol=1e-4)  # the calibration did something
+    assert torch.allclose(ours["fc1.bias"], plain["fc1.bias"], atol=1e-6)  # and only to matrices
