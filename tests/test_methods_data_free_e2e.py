@@ -14,7 +14,7 @@ from harness.store import Store
 pytestmark = pytest.mark.slow
 
 STEMS = ["sce", "nuslerp", "multislerp", "karcher", "della_linear", "breadcrumbs_ties", "ram", "ram_plus",
-         "wudi", "expo", "pcb_merging", "lines", "cart", "svc", "doge_ta"]
+         "wudi", "expo", "pcb_merging", "lines", "cart", "svc", "doge_ta", "consensus_merging"]
 QUICK = {"wudi": {"iter_num": 5}}
 
 

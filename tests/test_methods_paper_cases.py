@@ -126,3 +126,18 @@ def test_cart_keeps_each_centered_matrix_top_singular_directions():
     out = fuse("cart", base, experts, rank_ratio=0.25, prior=1.5)  # int(0.25 * 4) = rank 1
     assert torch.allclose(out["layer.attn.weight"], average["layer.attn.weight"] + 1.5 * 2 * outer(2, 2), atol=1e-5)
     assert torch.allclose(out["fc.weight"], average["fc.weight"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Consensus merging
+
+def test_consensus_keeps_the_weights_enough_tasks_use():
+    """Three tasks on four entries; a task's TALL mask keeps |tau_t| > 0.4 |tau_MTL - tau_t|:
+    entry 0 (1, 1, 1): 1 > 0.8 for every task, three masks; entry 1 (2, 0, 0): only task 0's
+    ('selfish'); entry 2 (0.1, 1, 1): tasks 1 and 2 (1 > 0.44), not task 0 (0.1 > 0.8 fails);
+    entry 3 (0.5, 0.5, 3): only task 2 (3 > 0.4; 0.5 > 1.4 fails)."""
+    base = {"w": torch.zeros(4)}
+    experts = [{"w": torch.tensor(d)} for d in ([1.0, 2.0, 0.1, 0.5], [1.0, 0.0, 1.0, 0.5], [1.0, 0.0, 1.0, 3.0])]
+    total = torch.tensor([3.0, 2.0, 2.1, 4.0])
+    for k, kept in [(3, [1.0, 0.0, 0.0, 0.0]), (2, [1.0, 0.0, 1.0, 0.0]), (1, [1.0, 1.0, 1.0, 1.0])]:
+        out = fuse("consensus_merging", base, experts, tall_mask_lambda=0.4, prune_threshold_k=k, scaling_factor=0.5)
+        assert torch.allclose(out["w"], 0.5 * total * torch.tensor(kept)), k
