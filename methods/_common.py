@@ -70,7 +70,8 @@ def origin(base: Tensor, relative_to_base: bool) -> Tensor:
     return base.float() if relative_to_base else torch.zeros_like(base, dtype=torch.float32)
 
 
-def interpolate_all(tensors: Sequence[Tensor], t: float, interpolate: Callable[[float, Tensor, Tensor], Tensor]) -> Tensor:
+def interpolate_all(tensors: Sequence[Tensor], t: float,
+                    interpolate: Callable[[float, Tensor, Tensor], Tensor]) -> Tensor:
     """Two tensors: interpolate(t, a, b). More: the running mean m_1 = x_1, m_i = interpolate(1/i, m_{i-1}, x_i),
     which for a spherical interpolation depends on the tensors' order (a Euclidean one would not)."""
     if len(tensors) == 2:
@@ -88,7 +89,8 @@ class SparsifiedSumParams(Params):
     normalize: bool = Field(False, description="average the sparsified task vectors instead of summing")
 
 
-def sparsified_sum(ctx, sparsify: Callable[[Tensor], Tensor], sign_consensus: bool, p: SparsifiedSumParams) -> StateDict:
+def sparsified_sum(ctx, sparsify: Callable[[Tensor], Tensor], sign_consensus: bool,
+                   p: SparsifiedSumParams) -> StateDict:
     """mergekit's generalized task arithmetic, every expert of weight 1: per entry, each task vector
     sparsified, mixed by mix_deltas, scaled by lambda and added to the base."""
     experts = ctx.experts

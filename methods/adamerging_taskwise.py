@@ -16,7 +16,8 @@ class TaskWiseAdaMergingParams(AdaMergingParams):
 
 @method("adamerging_taskwise", params=TaskWiseAdaMergingParams, category="merging", data="unlabeled_test",
         trains=True, stochastic=True,
-        properties=Properties(scaling_zero={"init_values": 0.0, "max_steps": 0}, one_expert={"init_values": 1.0, "max_steps": 0},
+        properties=Properties(scaling_zero={"init_values": 0.0, "max_steps": 0},
+                              one_expert={"init_values": 1.0, "max_steps": 0},
                               quick={"max_steps": 3, "batch_size": 8, "lr": 0.05}))
 def adamerging_taskwise(ctx: FusionContext, params: TaskWiseAdaMergingParams):
     return adamerging(ctx, params, layer_wise=False)

@@ -1,7 +1,7 @@
 """Consensus merging: task arithmetic keeping only the weights at least k tasks' TALL masks use.
 
 Wang et al., "Localizing Task Information for Improved Model Merging and Compression",
-ICML 2024. arXiv:2405.07813 ; follows the authors' consensus merge (construct_consensus_mask
+2024. arXiv:2405.07813 ; follows the authors' consensus merge (construct_consensus_mask
 and generate_task_masks of github.com/nik-dim/tall_masks, as the LiNeS code ships them),
 on task arithmetic's multi-task vector (their use_ties: false).
 

@@ -43,7 +43,8 @@ def dare_task_vectors(ctx: FusionContext, p: DareParams):
 
 
 @method("dare", params=DareParams, category="merging", stochastic=True,
-        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"sparsity_ratio": 0.0, "scaling_factor": 1.0},
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              one_expert={"sparsity_ratio": 0.0, "scaling_factor": 1.0},
                               order_invariant=False, why="masks are drawn expert by expert from one seeded generator"))
 def dare(ctx: FusionContext, p: DareParams):
     base, tvs = ctx.base, dare_task_vectors(ctx, p)

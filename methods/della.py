@@ -48,7 +48,8 @@ def magprune(t: torch.Tensor, drop_rate: float, epsilon: float, generator: torch
 
 
 @method("della", params=DellaParams, category="merging", stochastic=True,
-        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"drop_rate": 0.0, "epsilon": 0.0, "scaling_factor": 1.0},
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              one_expert={"drop_rate": 0.0, "epsilon": 0.0, "scaling_factor": 1.0},
                               order_invariant=False, why="masks are drawn expert by expert from one seeded generator"))
 def della(ctx: FusionContext, p: DellaParams):
     g = ctx.generator()

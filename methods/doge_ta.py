@@ -1,7 +1,7 @@
 """DOGE TA: task arithmetic with a shared correction, optimised by projected gradient descent.
 
 Wei et al., "Modeling Multi-Task Model Merging as Adaptive Projective Gradient Descent",
-ICML 2025. arXiv:2501.01230 ; follows fusion-bench 0.2.33's DOGE_TA_Algorithm.
+2025. arXiv:2501.01230 ; follows fusion-bench 0.2.33's DOGE_TA_Algorithm.
 
 On the weight matrices of the encoder (entries named 'encoder' and 'weight', not
 'layer_norm': fusion-bench's rule for CLIP; others keep the base's value), each task vector

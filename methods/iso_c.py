@@ -29,7 +29,8 @@ def isotropic(m: torch.Tensor) -> torch.Tensor:
 
 
 @method("iso_c", params=IsoCParams, category="merging",
-        properties=Properties(scaling_zero={"scaling_factor": 0.0}, why="flattening the spectrum changes even one expert"))
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              why="flattening the spectrum changes even one expert"))
 def iso_c(ctx: FusionContext, p: IsoCParams):
     merged = merge_matrices(ctx.task_vectors(), lambda mats: isotropic(torch.stack(mats).sum(0)))
     return apply_delta(ctx.base, merged, p.scaling_factor)

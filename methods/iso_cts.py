@@ -44,7 +44,8 @@ def iso_cts_matrix(per_task: list[torch.Tensor], common_fraction: float) -> torc
 
 
 @method("iso_cts", params=IsoCtsParams, category="merging",
-        properties=Properties(scaling_zero={"scaling_factor": 0.0}, why="flattening the spectrum changes even one expert"))
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              why="flattening the spectrum changes even one expert"))
 def iso_cts(ctx: FusionContext, p: IsoCtsParams):
     merged = merge_matrices(ctx.task_vectors(), lambda mats: iso_cts_matrix(mats, p.common_space_fraction))
     return apply_delta(ctx.base, merged, p.scaling_factor)

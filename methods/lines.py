@@ -1,7 +1,7 @@
 """LiNeS: layer-increasing network scaling of the merged task vector (here on task arithmetic).
 
 Wang, Dimitriadis et al., "LiNeS: Post-training Layer Scaling Prevents Forgetting and
-Enhances Model Merging", ICLR 2025. arXiv:2410.17146 ; follows the authors' LiNeS_scaling
+Enhances Model Merging", 2024. arXiv:2410.17146 ; follows the authors' LiNeS_scaling
 and multi-task setting (github.com/wang-kee/LiNeS, src/eval/eval.py).
 
 The multi-task vector tau = sum_t tau_t (task arithmetic's) is scaled block by block:

@@ -49,7 +49,8 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten
 
 @method("nuslerp", params=NuSlerpParams, category="merging",
         properties=Properties(one_expert={}, order_invariant=False,
-                              why="no scaling factor; beyond two experts (which mergekit refuses) a running mean in task order"))
+                              why="no scaling factor; beyond two experts (which mergekit refuses) a running "
+                                  "mean in task order"))
 def nuslerp_merge(ctx: FusionContext, p: NuSlerpParams):
     def merge(key, base):
         centre = origin(base, p.relative_to_base)

@@ -43,7 +43,8 @@ def wudi_matrix(task_matrices: torch.Tensor, iter_num: int, lr: float) -> torch.
 
 
 @method("wudi", params=WudiParams, category="merging", trains=True,
-        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"iter_num": 20}, quick={"iter_num": 20}))
+        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"iter_num": 20},
+                              quick={"iter_num": 20}))
 def wudi(ctx: FusionContext, p: WudiParams):
     experts = ctx.experts
 

@@ -149,7 +149,8 @@ def test_breadcrumbs_ties(density, gamma, rescale, normalize):
 SPARSE_EXPERTS = [state(i, BASE, keep=0.3) for i in (4, 5, 6)]  # RAM's setting: few entries change
 
 
-@pytest.mark.parametrize("variant,mk_name,extra", [("ram", "ram", {}), ("ram_plus", "ramplus_tl", {"r": 0.1, "alpha": 0.2})])
+@pytest.mark.parametrize("variant,mk_name,extra",
+                         [("ram", "ram", {}), ("ram_plus", "ramplus_tl", {"r": 0.1, "alpha": 0.2})])
 def test_ram(variant, mk_name, extra):
     theirs = mergekit_merge(mk_name, SPARSE_EXPERTS, epsilon=1e-5, **extra)
     assert_close(fuse("ram", SPARSE_EXPERTS, variant=variant), theirs)
