@@ -120,5 +120,5 @@ def mix_deltas(deltas: Tensor, sign_consensus: bool, normalize: bool) -> Tensor:
         mixed, count = (deltas * keep).sum(dim=0), keep.sum(dim=0)
         count[count == 0] = 1
     else:
-        mixed, count = deltas.sum(dim=0), torch.tensor(float(len(deltas)))
+        mixed, count = deltas.sum(dim=0), float(len(deltas))
     return mixed / count if normalize else mixed

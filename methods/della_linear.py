@@ -43,7 +43,7 @@ def magprune(t: torch.Tensor, density: float, epsilon: float, rescale: bool, gen
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     # a one-entry row (mergekit: 0/0, NaN) takes the lowest probability
     probs = density - epsilon + ((ranks - low) / (high - low).clamp(min=1)).clamp(0, 1) * 2 * epsilon
-    keep = torch.bernoulli(probs, generator=generator)
+    keep = torch.bernoulli(probs.cpu(), generator=generator).to(t.device)  # CPU draws: the same on every device
     return (l1_rescaled(rows, keep) if rescale else rows * keep).reshape(t.shape)
 
 

@@ -37,6 +37,7 @@ def multislerp(vectors: list[torch.Tensor], weights: torch.Tensor, eps: float) -
         return vectors[0]
     stacked = torch.stack(vectors)
     flat = stacked.reshape(len(vectors), -1)
+    weights = weights.to(flat.device)
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
     mean = (units * weights.view(-1, 1)).sum(0)

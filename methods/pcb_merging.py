@@ -37,10 +37,12 @@ def minmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def clip_rows(x: torch.Tensor, low_ratio: float, high_ratio: float) -> torch.Tensor:
-    """Each row clamped to its sorted values at positions int(d * low_ratio) and int(d * (1 - high_ratio)) - 1."""
+    """Each row clamped to its sorted values at positions int(d * low_ratio) and int(d * (1 - high_ratio)) - 1
+    (the authors sort each row; two k-th values are the same numbers without a sorted copy and its indices)."""
     d = x.shape[1]
-    ordered = x.sort(dim=1).values
-    return x.clamp(ordered[:, int(d * low_ratio)].unsqueeze(1), ordered[:, int(d * (1 - high_ratio) - 1)].unsqueeze(1))
+    low = x.kthvalue(int(d * low_ratio) + 1, dim=1, keepdim=True).values
+    high = x.kthvalue(int(d * (1 - high_ratio) - 1) + 1, dim=1, keepdim=True).values
+    return x.clamp(low, high)
 
 
 def pcb_merge(tvs: torch.Tensor, pcb_ratio: float) -> torch.Tensor:

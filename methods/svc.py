@@ -36,7 +36,7 @@ def calibrate(delta: torch.Tensor, task_matrices: torch.Tensor, alpha: float) ->
     squared = (task_responses * task_responses).sum(dim=-1).clamp_min(1e-12)
     coefficients = torch.einsum("rn,rkn->rk", merged_responses, task_responses) / squared
     coefficients = torch.nan_to_num(coefficients, nan=alpha, neginf=alpha)
-    gamma = len(task_matrices) / torch.maximum(coefficients, torch.tensor(alpha, dtype=coefficients.dtype)).sum(dim=1)
+    gamma = len(task_matrices) / coefficients.clamp(min=alpha).sum(dim=1)
     return (u * (gamma * s).unsqueeze(0)) @ vh
 
 
