@@ -74,8 +74,9 @@ class MethodInfo:
     # Name of the Params field that holds how many examples per task the method reads;
     # None means the whole split (or no data at all when data == 'none').
     samples: str | None = None
-    # Property-test cases of a merging method (None: undeclared, which a test reports).
-    properties: Properties | None = None
+    # Property-test cases of a merging method (None: undeclared, which a test reports). Not
+    # compared or hashed: they hold dicts, and a MethodInfo stays hashable as it was.
+    properties: Properties | None = field(default=None, compare=False)
 
     def samples_per_task(self, params: Params) -> int | None:
         return None if self.samples is None else getattr(params, self.samples)

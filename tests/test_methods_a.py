@@ -113,6 +113,7 @@ def assert_states_close(a, b, atol=1e-5):
 def test_every_merging_method_declares_its_property_cases(name):
     props = properties(name)
     info = registry.get(name)
+    hash(info)  # declaring dicts of params leaves a MethodInfo hashable
     for case in (props.quick, props.scaling_zero, props.one_expert):
         if case is not None:
             info.validate_params(case, file=str(info.source_file), prefix="properties")
