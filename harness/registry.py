@@ -13,7 +13,7 @@ import json
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -40,6 +40,24 @@ class NoParams(Params):
 
 
 @dataclass(frozen=True)
+class Properties:
+    """The hyperparameters under which a merging method's registry-wide property tests run
+    (tests/test_methods_a.py), declared beside the method so adding one edits no test file.
+
+    quick: params for the dtype, expert-order and seed tests (fast settings);
+    scaling_zero: params under which the merge must return the base exactly (None: the
+    property does not hold for this method, and `why` says why);
+    one_expert: params under which merging a single expert returns that expert (None: as above);
+    order_invariant: False when the result depends on the order of the experts on purpose.
+    """
+    quick: dict[str, Any] = field(default_factory=dict)
+    scaling_zero: dict[str, Any] | None = None
+    one_expert: dict[str, Any] | None = None
+    order_invariant: bool = True
+    why: str = ""
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     name: str
     fn: Callable[..., Any]
@@ -56,6 +74,9 @@ class MethodInfo:
     # Name of the Params field that holds how many examples per task the method reads;
     # None means the whole split (or no data at all when data == 'none').
     samples: str | None = None
+    # Property-test cases of a merging method (None: undeclared, which a test reports). Not
+    # compared or hashed: they hold dicts, and a MethodInfo stays hashable as it was.
+    properties: Properties | None = field(default=None, compare=False)
 
     def samples_per_task(self, params: Params) -> int | None:
         return None if self.samples is None else getattr(params, self.samples)
@@ -102,13 +123,15 @@ _BROKEN: dict[str, str] = {}  # methods module -> why importing it failed
 
 
 def method(name: str, *, params: type[Params] = NoParams, category: Category, data: DataAccess = "none",
-           output: Output = "merged", trains: bool = False, stochastic: bool = False, samples: str | None = None):
+           output: Output = "merged", trains: bool = False, stochastic: bool = False, samples: str | None = None,
+           properties: Properties | None = None):
     """Register `fn(ctx: FusionContext, params) -> fused` as fusion method `name`.
 
     The fused result is a state dict of the base architecture, an nn.Module that
     replaces the base model, or a harness.api.Ensemble. `samples` names the integer
     hyperparameter that says how many examples per task the method reads; the harness
-    hands it no more than that.
+    hands it no more than that. `properties` declares the hyperparameters of the
+    registry-wide property tests (see Properties); every merging method needs it.
     """
     if samples is not None:
         if data == "none":
@@ -126,7 +149,8 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
         _REGISTRY[name] = MethodInfo(
             name=name, fn=fn, params=params, category=category, data=data, output=output,
             trains=trains, stochastic=stochastic, source_file=Path(module.__file__).resolve(),
-            module=module.__name__, summary=lines[0] if lines else name, reference=ref, samples=samples)
+            module=module.__name__, summary=lines[0] if lines else name, reference=ref, samples=samples,
+            properties=properties)
         return fn
     return wrap
 

@@ -11,7 +11,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from harness.tensors import StateDict
+from pydantic import Field
+
+from harness.registry import Params
+from harness.tensors import StateDict, map_entries
 
 
 def random_drop(tv: StateDict, rate: float, rescale: bool, generator: torch.Generator) -> StateDict:
@@ -52,3 +55,70 @@ def orthogonalize(m: Tensor) -> Tensor:
 
 def sum_task_vectors(task_vectors: Sequence[StateDict]) -> StateDict:
     return {k: torch.stack([tv[k] for tv in task_vectors]).sum(0) for k in task_vectors[0]}
+
+
+def majority_sign_mask(deltas: Tensor) -> Tensor:
+    """mergekit's TIES sign consensus over stacked [N, ...] deltas: the elected sign is + where
+    the deltas sum to >= 0, else -; an entry is kept where its sign equals it (zeros never are).
+    Unlike methods/ties_merging.py, a sum of exactly zero elects +, as mergekit does."""
+    elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    return deltas.sign() == elected
+
+
+def origin(base: Tensor, relative_to_base: bool) -> Tensor:
+    """Where an interpolation of weights is centred: the base's tensor (interpolating task vectors) or zero."""
+    return base.float() if relative_to_base else torch.zeros_like(base, dtype=torch.float32)
+
+
+def interpolate_all(tensors: Sequence[Tensor], t: float,
+                    interpolate: Callable[[float, Tensor, Tensor], Tensor]) -> Tensor:
+    """Two tensors: interpolate(t, a, b). More: the running mean m_1 = x_1, m_i = interpolate(1/i, m_{i-1}, x_i),
+    which for a spherical interpolation depends on the tensors' order (a Euclidean one would not)."""
+    if len(tensors) == 2:
+        return interpolate(t, tensors[0], tensors[1])
+    running = tensors[0]
+    for i, x in enumerate(tensors[1:], start=2):
+        running = interpolate(1 / i, running, x)
+    return running
+
+
+class SparsifiedSumParams(Params):
+    """Shared hyperparameters of mergekit's generalized task arithmetic (each method adds its sparsifier's)."""
+    scaling_factor: float = Field(0.3, ge=0.0, le=10.0, description="lambda")
+    rescale: bool = Field(False, description="rescale survivors to the tensor's L1 norm")
+    normalize: bool = Field(False, description="average the sparsified task vectors instead of summing")
+
+
+def sparsified_sum(ctx, sparsify: Callable[[Tensor], Tensor], sign_consensus: bool,
+                   p: SparsifiedSumParams) -> StateDict:
+    """mergekit's generalized task arithmetic, every expert of weight 1: per entry, each task vector
+    sparsified, mixed by mix_deltas, scaled by lambda and added to the base."""
+    experts = ctx.experts
+
+    def merge(key: str, base: Tensor) -> Tensor:
+        ref = base.float()
+        deltas = torch.stack([sparsify(e[key].float() - ref) for e in experts])
+        return ref + p.scaling_factor * mix_deltas(deltas, sign_consensus, p.normalize)
+
+    return map_entries(ctx.base, merge)
+
+
+def l1_rescaled(t: Tensor, keep: Tensor, eps: float = 1e-7) -> Tensor:
+    """t * keep, scaled back to t's L1 norm (mergekit's rescale of a sparsified task vector);
+    unscaled when either norm is below eps."""
+    masked = t * keep
+    before, after = t.abs().sum(), masked.abs().sum()
+    return masked if before < eps or after < eps else masked * (before / after)
+
+
+def mix_deltas(deltas: Tensor, sign_consensus: bool, normalize: bool) -> Tensor:
+    """mergekit's generalized task arithmetic over stacked [N, ...] sparsified deltas, every
+    expert of weight 1: their sum (with sign_consensus, of the entries agreeing with the
+    elected sign), divided by the number of contributors when normalize."""
+    if sign_consensus:
+        keep = majority_sign_mask(deltas).to(deltas.dtype)
+        mixed, count = (deltas * keep).sum(dim=0), keep.sum(dim=0)
+        count[count == 0] = 1
+    else:
+        mixed, count = deltas.sum(dim=0), float(len(deltas))
+    return mixed / count if normalize else mixed

@@ -7,6 +7,7 @@ trained by entropy minimisation on unlabeled test inputs (see methods/_adamergin
 """
 
 from harness.api import FusionContext, method
+from harness.registry import Properties
 from methods._adamerging import AdaMergingParams, adamerging
 
 
@@ -15,6 +16,9 @@ class LayerWiseAdaMergingParams(AdaMergingParams):
 
 
 @method("adamerging_layerwise", params=LayerWiseAdaMergingParams, category="merging", data="unlabeled_test",
-        trains=True, stochastic=True)
+        trains=True, stochastic=True,
+        properties=Properties(scaling_zero={"init_values": 0.0, "max_steps": 0},
+                              one_expert={"init_values": 1.0, "max_steps": 0},
+                              quick={"max_steps": 3, "batch_size": 8, "lr": 0.05}))
 def adamerging_layerwise(ctx: FusionContext, params: LayerWiseAdaMergingParams):
     return adamerging(ctx, params, layer_wise=True)

@@ -6,6 +6,7 @@ unlabeled test inputs (see methods/_adamerging.py for the defaults and their sou
 """
 
 from harness.api import FusionContext, method
+from harness.registry import Properties
 from methods._adamerging import AdaMergingParams, adamerging
 
 
@@ -14,6 +15,9 @@ class TaskWiseAdaMergingParams(AdaMergingParams):
 
 
 @method("adamerging_taskwise", params=TaskWiseAdaMergingParams, category="merging", data="unlabeled_test",
-        trains=True, stochastic=True)
+        trains=True, stochastic=True,
+        properties=Properties(scaling_zero={"init_values": 0.0, "max_steps": 0},
+                              one_expert={"init_values": 1.0, "max_steps": 0},
+                              quick={"max_steps": 3, "batch_size": 8, "lr": 0.05}))
 def adamerging_taskwise(ctx: FusionContext, params: TaskWiseAdaMergingParams):
     return adamerging(ctx, params, layer_wise=False)

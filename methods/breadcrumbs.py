@@ -14,6 +14,7 @@ import torch
 from pydantic import Field, model_validator
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods._common import sum_task_vectors
 
@@ -33,13 +34,22 @@ class BreadcrumbsParams(Params):
 def breadcrumbs_mask(t: torch.Tensor, drop_small: float, drop_large: float) -> torch.Tensor:
     """Keep the entries ranked (by |t|) in [n*drop_small, n - n*drop_large); ties broken by position."""
     n = t.numel()
+    return magnitude_band(t, int(n * drop_small), int(n * drop_large))
+
+
+def magnitude_band(t: torch.Tensor, n_small: int, n_large: int) -> torch.Tensor:
+    """Mask dropping the n_small smallest and the n_large largest entries of t by magnitude
+    (ties broken by position)."""
+    n = t.numel()
     rank = torch.empty(n, dtype=torch.long, device=t.device)
     rank[t.abs().flatten().argsort(stable=True)] = torch.arange(n, device=t.device)
-    keep = (rank >= int(n * drop_small)) & (rank < n - int(n * drop_large))
+    keep = (rank >= n_small) & (rank < n - n_large)
     return keep.view_as(t)
 
 
-@method("breadcrumbs", params=BreadcrumbsParams, category="merging")
+@method("breadcrumbs", params=BreadcrumbsParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              one_expert={"drop_small": 0.0, "drop_large": 0.0, "scaling_factor": 1.0}))
 def breadcrumbs(ctx: FusionContext, p: BreadcrumbsParams):
     masked = [{k: v * breadcrumbs_mask(v, p.drop_small, p.drop_large) for k, v in tv.items()}
               for tv in ctx.task_vectors()]

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods._common import random_drop, sum_task_vectors
 from methods.ties_merging import TiesParams, ties_delta
@@ -41,7 +42,10 @@ def dare_task_vectors(ctx: FusionContext, p: DareParams):
     return [random_drop(tv, p.sparsity_ratio, p.rescale, g) for tv in ctx.task_vectors()]
 
 
-@method("dare", params=DareParams, category="merging", stochastic=True)
+@method("dare", params=DareParams, category="merging", stochastic=True,
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              one_expert={"sparsity_ratio": 0.0, "scaling_factor": 1.0},
+                              order_invariant=False, why="masks are drawn expert by expert from one seeded generator"))
 def dare(ctx: FusionContext, p: DareParams):
     base, tvs = ctx.base, dare_task_vectors(ctx, p)
     lam = DEFAULT_SCALING[p.merge] if p.scaling_factor is None else p.scaling_factor

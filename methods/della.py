@@ -16,6 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods.ties_merging import elect_and_merge
 
@@ -46,7 +47,10 @@ def magprune(t: torch.Tensor, drop_rate: float, epsilon: float, generator: torch
     return t * keep / (1 - p)
 
 
-@method("della", params=DellaParams, category="merging", stochastic=True)
+@method("della", params=DellaParams, category="merging", stochastic=True,
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              one_expert={"drop_rate": 0.0, "epsilon": 0.0, "scaling_factor": 1.0},
+                              order_invariant=False, why="masks are drawn expert by expert from one seeded generator"))
 def della(ctx: FusionContext, p: DellaParams):
     g = ctx.generator()
     pruned = [{k: magprune(v, p.drop_rate, p.epsilon, g) for k, v in tv.items()} for tv in ctx.task_vectors()]

@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import StateDict, map_entries, stack
 
 
@@ -105,7 +106,9 @@ def merge_with_fisher(experts: list[StateDict], fishers: list[dict[str, Tensor]]
 
 
 @method("fisher_merging", params=FisherMergingParams, category="merging", data="unlabeled_train",
-        samples="num_fisher_examples")
+        samples="num_fisher_examples",
+        properties=Properties(one_expert={"num_fisher_examples": 8}, quick={"num_fisher_examples": 8},
+                              why="a weighted average has no scaling factor"))
 def fisher_merging(ctx: FusionContext, params: FisherMergingParams):
     fishers = [fisher_of(ctx, t, params) for t in ctx.tasks]
     return merge_with_fisher(ctx.experts, fishers, ctx.base, params.normalize_fisher_weight,

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods._common import merge_matrices
 
@@ -27,7 +28,9 @@ def isotropic(m: torch.Tensor) -> torch.Tensor:
     return s.mean() * (u @ vh)
 
 
-@method("iso_c", params=IsoCParams, category="merging")
+@method("iso_c", params=IsoCParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              why="flattening the spectrum changes even one expert"))
 def iso_c(ctx: FusionContext, p: IsoCParams):
     merged = merge_matrices(ctx.task_vectors(), lambda mats: isotropic(torch.stack(mats).sum(0)))
     return apply_delta(ctx.base, merged, p.scaling_factor)

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods._common import merge_matrices, orthogonalize
 
@@ -42,7 +43,9 @@ def iso_cts_matrix(per_task: list[torch.Tensor], common_fraction: float) -> torc
     return s_all.mean() * (orthogonalize(u_all) @ orthogonalize(vh_all))
 
 
-@method("iso_cts", params=IsoCtsParams, category="merging")
+@method("iso_cts", params=IsoCtsParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0},
+                              why="flattening the spectrum changes even one expert"))
 def iso_cts(ctx: FusionContext, p: IsoCtsParams):
     merged = merge_matrices(ctx.task_vectors(), lambda mats: iso_cts_matrix(mats, p.common_space_fraction))
     return apply_delta(ctx.base, merged, p.scaling_factor)

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 
 
@@ -26,6 +27,7 @@ def max_magnitude(task_vectors):
     return merged
 
 
-@method("magmax", params=MagMaxParams, category="merging")
+@method("magmax", params=MagMaxParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"scaling_factor": 1.0}))
 def magmax(ctx: FusionContext, p: MagMaxParams):
     return apply_delta(ctx.base, max_magnitude(ctx.task_vectors()), p.scaling_factor)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from harness.api import FusionContext, method
-from harness.registry import NoParams
+from harness.registry import NoParams, Properties
 from harness.tensors import map_entries, stack
 
 EPS = 1e-8
@@ -34,7 +34,8 @@ def interpolation_ratio(task_vectors: list, key: str) -> float:
     return k * cos / ((k - 1) * cos + 1 + EPS)
 
 
-@method("model_stock", params=NoParams, category="merging")
+@method("model_stock", params=NoParams, category="merging",
+        properties=Properties(why="its ratio is undefined for a single expert; it has no scaling factor"))
 def model_stock(ctx: FusionContext, p: NoParams):
     if len(ctx.tasks) < 2:
         raise ValueError("model_stock needs at least two experts (the ratio comes from the angle between them)")

@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import StateDict, map_entries, stack
 
 
@@ -80,7 +81,9 @@ def merge_with_grams(experts: list[StateDict], grams: list[dict[str, Tensor]], b
 
 
 @method("regmean", params=RegMeanParams, category="merging", data="unlabeled_train",
-        samples="num_regmean_examples")
+        samples="num_regmean_examples",
+        properties=Properties(one_expert={"num_regmean_examples": 16}, quick={"num_regmean_examples": 16},
+                              why="a least-squares merge of the experts has no scaling factor"))
 def regmean(ctx: FusionContext, params: RegMeanParams):
     grams = [input_grams(ctx, t, params) for t in ctx.tasks]
     return merge_with_grams(ctx.experts, grams, ctx.base, params.reduce_non_diagonal_ratio)

@@ -14,7 +14,9 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import map_entries
+from methods._common import interpolate_all
 
 
 class SlerpParams(Params):
@@ -34,17 +36,14 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float, ep
     return (torch.sin(theta - theta * t) * v0 + torch.sin(theta * t) * v1) / torch.sin(theta)
 
 
-@method("slerp", params=SlerpParams, category="merging")
+@method("slerp", params=SlerpParams, category="merging",
+        properties=Properties(one_expert={}, order_invariant=False,
+                              why="no scaling factor; more than two experts: a running spherical mean in task order"))
 def slerp_merge(ctx: FusionContext, p: SlerpParams):
     experts = ctx.experts
 
     def merge(key, _):
-        tensors = [e[key].float() for e in experts]
-        if len(tensors) == 2:
-            return slerp(p.t, tensors[0], tensors[1], p.dot_threshold, p.epsilon)
-        running = tensors[0]
-        for i, v in enumerate(tensors[1:], start=2):
-            running = slerp(1 / i, running, v, p.dot_threshold, p.epsilon)
-        return running
+        return interpolate_all([e[key].float() for e in experts], p.t,
+                               lambda t, a, b: slerp(t, a, b, p.dot_threshold, p.epsilon))
 
     return map_entries(ctx.base, merge)

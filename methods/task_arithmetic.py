@@ -7,6 +7,7 @@ theta = theta_pre + lambda * sum_t (theta_t - theta_pre); FusionBench uses lambd
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import delta_sum, map_keys
 
 
@@ -14,7 +15,9 @@ class TaskArithmeticParams(Params):
     scaling_factor: float = Field(0.3, ge=0.0, le=10.0)
 
 
-@method("task_arithmetic", params=TaskArithmeticParams, category="merging")
+@method("task_arithmetic", params=TaskArithmeticParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"scaling_factor": 1.0},
+                              quick={"scaling_factor": 0.3}))
 def task_arithmetic(ctx: FusionContext, params: TaskArithmeticParams):
     base, experts, lam = ctx.base, ctx.experts, params.scaling_factor
 

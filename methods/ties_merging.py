@@ -17,6 +17,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import CHUNK, apply_delta, chunked, mergeable, parallel_map, single_thread
 
 
@@ -212,6 +213,8 @@ def trim(rows: torch.Tensor, thresholds: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
-@method("ties_merging", params=TiesParams, category="merging")
+@method("ties_merging", params=TiesParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"scaling_factor": 1.0, "top_k": 1.0},
+                              quick={"top_k": 0.5}))
 def ties_merging(ctx: FusionContext, params: TiesParams):
     return apply_delta(ctx.base, ties_delta(ctx.base, ctx.experts, params), params.scaling_factor)

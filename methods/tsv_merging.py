@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import apply_delta
 from methods._common import merge_matrices, orthogonalize
 
@@ -37,6 +38,7 @@ def tsv_merge_matrix(per_task: list[torch.Tensor]) -> torch.Tensor:
     return orthogonalize(u) @ torch.diag(s) @ orthogonalize(vh)
 
 
-@method("tsv_merging", params=TsvParams, category="merging")
+@method("tsv_merging", params=TsvParams, category="merging",
+        properties=Properties(scaling_zero={"scaling_factor": 0.0}, one_expert={"scaling_factor": 1.0}))
 def tsv_merging(ctx: FusionContext, p: TsvParams):
     return apply_delta(ctx.base, merge_matrices(ctx.task_vectors(), tsv_merge_matrix), p.scaling_factor)

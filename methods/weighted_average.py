@@ -8,6 +8,7 @@ normalizes the weights to sum to one by default, as here.
 from pydantic import Field
 
 from harness.api import FusionContext, Params, method
+from harness.registry import Properties
 from harness.tensors import map_entries, stack
 from methods._weights import task_weights
 
@@ -17,7 +18,9 @@ class WeightedAverageParams(Params):
     normalize: bool = Field(True, description="rescale the weights to sum to one")
 
 
-@method("weighted_average", params=WeightedAverageParams, category="merging")
+@method("weighted_average", params=WeightedAverageParams, category="merging",
+        properties=Properties(one_expert={}, why="an average has no scaling factor",
+                              quick={"weights": {"alpha": 1.0, "beta": 2.0, "gamma": 0.5}}))
 def weighted_average(ctx: FusionContext, params: WeightedAverageParams):
     experts = ctx.experts
     w = task_weights(ctx.tasks, params.weights, params.normalize)

@@ -7,6 +7,8 @@ data (Fisher, RegMean, AdaMerging) run through the same FusionContext as on a re
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -75,31 +77,28 @@ def fuse(name, base, experts, seed=0, data_fn=tiny_data, **params):
     return runner.fuse(info, ctx, info.validate_params(params))
 
 
-# Per merging method: params meaning "scaling 0" (None: the property does not apply),
-# params meaning "one expert at scaling 1", and quick params for everything else.
-FAST_ADA = {"max_steps": 3, "batch_size": 8, "lr": 0.05}
-PROPERTY_PARAMS = {
-    "simple_average": (None, {}, {}),
-    "weighted_average": (None, {}, {"weights": {"alpha": 1.0, "beta": 2.0, "gamma": 0.5}}),
-    "task_arithmetic": ({"scaling_factor": 0.0}, {"scaling_factor": 1.0}, {"scaling_factor": 0.3}),
-    "ties_merging": ({"scaling_factor": 0.0}, {"scaling_factor": 1.0, "top_k": 1.0}, {"top_k": 0.5}),
-    "fisher_merging": (None, {"num_fisher_examples": 8}, {"num_fisher_examples": 8}),
-    "regmean": (None, {"num_regmean_examples": 16}, {"num_regmean_examples": 16}),
-    "adamerging_taskwise": ({"init_values": 0.0, "max_steps": 0}, {"init_values": 1.0, "max_steps": 0}, FAST_ADA),
-    "adamerging_layerwise": ({"init_values": 0.0, "max_steps": 0}, {"init_values": 1.0, "max_steps": 0}, FAST_ADA),
-    "breadcrumbs": ({"scaling_factor": 0.0}, {"drop_small": 0.0, "drop_large": 0.0, "scaling_factor": 1.0}, {}),
-    "dare": ({"scaling_factor": 0.0}, {"sparsity_ratio": 0.0, "scaling_factor": 1.0}, {}),
-    "della": ({"scaling_factor": 0.0}, {"drop_rate": 0.0, "epsilon": 0.0, "scaling_factor": 1.0}, {}),
-    "iso_c": ({"scaling_factor": 0.0}, None, {}),       # flattening the spectrum changes even one expert
-    "iso_cts": ({"scaling_factor": 0.0}, None, {}),
-    "magmax": ({"scaling_factor": 0.0}, {"scaling_factor": 1.0}, {}),
-    "model_stock": (None, None, {}),                    # its ratio is undefined for a single expert
-    "slerp": (None, {}, {}),
-    "tsv_merging": ({"scaling_factor": 0.0}, {"scaling_factor": 1.0}, {}),
-}
-# Seeded random drops are drawn expert by expert, and SLERP of >2 models is a running mean in task order.
-ORDER_DEPENDENT = {"dare", "della", "slerp"}
+# Each merging method declares the hyperparameters of these property tests beside itself
+# (@method(properties=registry.Properties(...))), so adding a method edits no test file. The
+# experts here are tasks alpha, beta, gamma; the one-expert case merges beta alone.
 MERGING = sorted(n for n, i in registry.discover().items() if i.category == "merging")
+
+
+def declared(name: str) -> registry.Properties | None:
+    return registry.get(name).properties
+
+
+def properties(name: str) -> registry.Properties:
+    props = declared(name)
+    if props is None:
+        pytest.fail(f"merging method '{name}' declares no property-test cases: add "
+                    f"properties=Properties(quick=..., scaling_zero=..., one_expert=...) to its @method(...) "
+                    f"in {registry.get(name).source_file} (see harness.registry.Properties)")
+    return props
+
+
+def with_case(case: str, names: list[str] = MERGING) -> list[str]:
+    """The merging methods whose declared `case` applies, and those that declare nothing (which fail)."""
+    return [n for n in names if declared(n) is None or getattr(declared(n), case) is not None]
 
 
 def assert_states_close(a, b, atol=1e-5):
@@ -110,27 +109,35 @@ def assert_states_close(a, b, atol=1e-5):
         assert gap <= atol, f"{k}: max difference {gap:.3g} > {atol}"
 
 
-def test_every_merging_method_has_property_params():
-    assert set(MERGING) == set(PROPERTY_PARAMS), "add the new merging method to PROPERTY_PARAMS"
+@pytest.mark.parametrize("name", MERGING)
+def test_every_merging_method_declares_its_property_cases(name):
+    props = properties(name)
+    info = registry.get(name)
+    hash(info)  # declaring dicts of params leaves a MethodInfo hashable
+    for case in (props.quick, props.scaling_zero, props.one_expert):
+        if case is not None:
+            info.validate_params(case, file=str(info.source_file), prefix="properties")
+    skipped = props.scaling_zero is None or props.one_expert is None or not props.order_invariant
+    assert props.why or not skipped, f"'{name}' opts out of a property test: say why in Properties(why=...)"
 
 
-@pytest.mark.parametrize("name", [n for n in MERGING if PROPERTY_PARAMS[n][0] is not None])
+@pytest.mark.parametrize("name", with_case("scaling_zero"))
 def test_scaling_zero_returns_the_base(name):
     base, experts = tiny_states()
-    assert_states_close(fuse(name, base, experts, **PROPERTY_PARAMS[name][0]), base, atol=0)
+    assert_states_close(fuse(name, base, experts, **properties(name).scaling_zero), base, atol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in MERGING if PROPERTY_PARAMS[n][1] is not None])
+@pytest.mark.parametrize("name", with_case("one_expert"))
 def test_one_expert_at_scaling_one_returns_that_expert(name):
     base, experts = tiny_states()
     one = {"beta": experts["beta"]}
-    assert_states_close(fuse(name, base, one, **PROPERTY_PARAMS[name][1]), experts["beta"])
+    assert_states_close(fuse(name, base, one, **properties(name).one_expert), experts["beta"])
 
 
-@pytest.mark.parametrize("name", [n for n in MERGING if n not in ORDER_DEPENDENT])
+@pytest.mark.parametrize("name", [n for n in MERGING if declared(n) is None or declared(n).order_invariant])
 def test_expert_order_does_not_change_the_result(name):
     base, experts = tiny_states()
-    params = PROPERTY_PARAMS[name][2]
+    params = properties(name).quick
     forward = fuse(name, base, experts, **params)
     backward = fuse(name, base, dict(reversed(list(experts.items()))), **params)
     assert_states_close(forward, backward)
@@ -139,7 +146,7 @@ def test_expert_order_does_not_change_the_result(name):
 @pytest.mark.parametrize("name", MERGING)
 def test_dtype_and_device_are_preserved(name):
     base, experts = tiny_states(torch.bfloat16)
-    out = fuse(name, base, experts, **PROPERTY_PARAMS[name][2])
+    out = fuse(name, base, experts, **properties(name).quick)
     assert out.keys() == base.keys()
     for k, v in out.items():
         assert v.dtype == base[k].dtype and v.device == base[k].device and v.shape == base[k].shape, k
@@ -214,7 +221,7 @@ def test_adamerging_lowers_the_entropy_on_test_inputs():
 @pytest.mark.parametrize("name", sorted(n for n, i in registry.discover().items() if i.stochastic and i.category != "mixing"))
 def test_stochastic_methods_same_seed_same_result(name):
     base, experts = tiny_states()
-    params = PROPERTY_PARAMS.get(name, (None, None, {}))[2]
+    params = properties(name).quick if name in MERGING else {}
     a = fuse(name, base, experts, seed=3, **params)
     b = fuse(name, base, experts, seed=3, **params)
     c = fuse(name, base, experts, seed=4, **params)
@@ -280,3 +287,13 @@ def test_sample_field_must_exist_and_needs_data_access():
         registry.method("bogus_a", params=P, category="merging", data="labeled_train", samples="m")
     with pytest.raises(ValueError, match="no data access"):
         registry.method("bogus_b", params=P, category="merging", samples="n")
+
+
+def test_a_merging_method_without_property_cases_fails_a_test_naming_the_fix(monkeypatch):
+    """Collection never breaks on an undeclared method: its declaration test fails and says what to add."""
+    info = registry.get("task_arithmetic")
+    monkeypatch.setitem(registry._REGISTRY, "undeclared_merge",
+                        dataclasses.replace(info, name="undeclared_merge", properties=None))
+    assert "undeclared_merge" in with_case("scaling_zero", [*MERGING, "undeclared_merge"])  # they run, and fail
+    with pytest.raises(pytest.fail.Exception, match=r"declares no property-test cases: add properties=Properties"):
+        properties("undeclared_merge")
