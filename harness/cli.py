@@ -96,27 +96,40 @@ def submit(submission, suites, db, device, force, quiet, executor, address, jobs
         sys.exit(1)
 
 
+def _open_results(db) -> "Store":  # noqa: F821
+    from harness.paths import default_db
+    from harness.store import Store
+    path = db or default_db()
+    if not Path(path).exists():
+        raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
+    return Store(path)
+
+
+def _format(fmt: str, as_json: bool) -> str:
+    return "json" if as_json else fmt
+
+
 @main.command()
-@click.option("--suite", required=True, help="suite name")
+@click.option("--suite", default=None, help="suite name [default: the database's only suite]")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="same as --format json")
 @click.option("--setting", default="all", show_default=True, help="'all' or a generalization split name")
 @click.option("--condition", default="clean", show_default=True,
               help="'clean', a corruption name, or name@severity (jpeg@5) for one listed at several severities")
 @click.option("--fingerprint", default=None, help="rank the runs on this fingerprint [default: what the suite's "
               "latest submit computed on]")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
-def leaderboard(suite, fmt, setting, condition, fingerprint, db):
-    """Print the leaderboard of one suite: references, then submissions by mean score. Only runs computed
-    on one fingerprint (the same models and data, byte for byte) are ranked together."""
-    from harness.leaderboard import other_fingerprints, render, suite_fingerprint, table
-    from harness.paths import default_db
-    from harness.store import Store
-    path = db or default_db()
-    if not Path(path).exists():
-        raise FbhError("no results database yet", file=str(path), fix="run `fbh submit ...` first or pass --db")
-    store = Store(path)
+def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, db):
+    """Print the leaderboard of one suite: references, then submissions by mean score, each average with
+    its 95% bootstrap interval and each submission with its 95% range of ranks ('2-4': not separable
+    from those ranks). Only runs computed on one fingerprint (the same models and data, byte for byte)
+    are ranked together."""
+    from harness.leaderboard import other_fingerprints, render, resolve_suite, suite_fingerprint, view
+    fmt = _format(fmt, as_json)
+    store = _open_results(db)
+    suite = resolve_suite(store, suite)
     fingerprint = fingerprint or suite_fingerprint(store, suite)
-    tasks, entries = table(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
+    tasks, entries = view(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
     others = other_fingerprints(store, suite, fingerprint)
     if not entries:
         raise FbhError(f"no results for suite '{suite}' (setting {setting}, condition {condition}, fingerprint "
@@ -125,14 +138,55 @@ def leaderboard(suite, fmt, setting, condition, fingerprint, db):
                            + (f"; runs exist on fingerprints {', '.join(str(o['fingerprint']) for o in others)}"
                               if others else ""))
     about = {"suite": suite, "setting": setting, "condition": condition, "fingerprint": fingerprint,
-             "other_fingerprints": others}
+             "metrics": _metrics(store, suite, tasks), "other_fingerprints": others}
     click.echo(render(tasks, entries, fmt, about))
     if fmt == "table":
-        click.echo(f"\nranked on fingerprint {fingerprint}")
+        click.echo(f"\nranked on fingerprint {fingerprint}; rank = 95% range of ranks over bootstrap resamples "
+                   "of the test examples")
         for o in others:
             where = o["fingerprint"] or "unknown (stored before runs recorded their inputs)"
             click.echo(f"  not ranked: {o['runs']} run(s) on fingerprint {where}"
                        + (f"; show them with --fingerprint {o['fingerprint']}" if o["fingerprint"] else ""))
+
+
+def _metrics(store, suite: str, tasks: list[str]) -> dict[str, str]:
+    from harness.leaderboard import task_metrics
+    primary = task_metrics(store, suite)
+    return {t: primary.get(t, "accuracy") for t in tasks}
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--suite", default=None, help="suite name [default: the database's only suite]")
+@click.option("--setting", default="all", show_default=True, help="'all' or a generalization split name")
+@click.option("--condition", default="clean", show_default=True, help="'clean' or a corruption label")
+@click.option("--fingerprint", default=None, help="[default: what the suite's latest submit computed on]")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+def compare(a, b, suite, setting, condition, fingerprint, as_json, db):
+    """A minus B (two entries of one leaderboard) on every task and on the average, with a paired
+    bootstrap over the same test examples: the 95% interval of the difference and its two-sided p-value."""
+    import json
+    from dataclasses import asdict
+    from harness.leaderboard import compare as compare_entries, resolve_suite, suite_fingerprint
+    store = _open_results(db)
+    suite = resolve_suite(store, suite)
+    fingerprint = fingerprint or suite_fingerprint(store, suite)
+    ea, eb, rows = compare_entries(store, suite, a, b, setting=setting, condition=condition, fingerprint=fingerprint)
+    if as_json:
+        click.echo(json.dumps({"suite": suite, "setting": setting, "condition": condition, "fingerprint": fingerprint,
+                               "a": a, "b": b, "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    click.echo(f"{a} minus {b} on {suite} ({setting}, {condition}); paired bootstrap over the same test examples")
+    click.echo(f"{'task':16s} {'A':>7s} {'B':>7s} {'A-B':>7s} {'95% CI':>15s} {'p':>8s}")
+    for r in rows:
+        ci = f"{r.ci[0]:+.2f}..{r.ci[1]:+.2f}" if r.ci else "n/a"
+        p = "n/a" if r.p_value is None else (f"<{r.p_value:.3f}" if r.p_value <= 1 / max(r.resamples, 1) else
+                                             f"{r.p_value:.3f}")
+        num = lambda v: "" if v is None else f"{v:7.2f}"  # noqa: E731
+        click.echo(f"{r.what:16s} {num(r.a)} {num(r.b)} {'' if r.difference is None else f'{r.difference:+7.2f}'} "
+                   f"{ci:>15s} {p:>8s}")
 
 
 @main.command()
@@ -247,14 +301,64 @@ def methods():
 
 
 @methods.command("list")
-def methods_list():
-    """List registered methods with their category, data access and output."""
-    from harness.registry import discover, import_failures
-    for name, info in discover().items():
-        params = ", ".join(f"{k}={f.default!r}" for k, f in info.params.model_fields.items())
-        click.echo(f"{name:24s} {info.category:9s} data={info.data:18s} output={info.output:9s} {params}")
-    for module, why in import_failures().items():
+@click.option("--json", "as_json", is_flag=True, help="print JSON (every method's card)")
+def methods_list(as_json):
+    """List registered methods with their category, data access and output (read from the methods index
+    while methods/ is unchanged, so it answers without importing torch)."""
+    import json
+    from harness.registry import method_cards
+    cards, broken = method_cards()
+    if as_json:
+        click.echo(json.dumps({"methods": list(cards.values()), "failed_to_import": broken}, indent=2))
+    for name, c in ({} if as_json else cards).items():
+        params = ", ".join(f"{k}={p.get('default')!r}" for k, p in c["params"].get("properties", {}).items())
+        click.echo(f"{name:24s} {c['category']:9s} data={c['data']:18s} output={c['output']:9s} {params}")
+    for module, why in broken.items():
         click.echo(f"{module} failed to import: {why}", err=True)
+
+
+@methods.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="print the method's card as JSON")
+def methods_show(name, as_json):
+    """Show method NAME: its docstring and citation, parameters (type, bounds, default, description),
+    data access and output kind."""
+    import json
+    from harness.registry import method_cards
+    cards, broken = method_cards()
+    if name not in cards:
+        close = [n for n in cards if n.startswith(name[:3])] or list(cards)
+        raise FbhError(f"unknown method '{name}'" + "".join(f"; {m} failed to import" for m in broken),
+                       field="NAME", fix=f"use one of: {', '.join(close[:12])} (see `fbh methods list`)")
+    c = cards[name]
+    if as_json:
+        click.echo(json.dumps(c, indent=2))
+        return
+    click.echo(f"{c['name']}  ({c['category']}; data: {c['data']}; output: {c['output']}"
+               + ("; trains" if c["trains"] else "") + ("; stochastic" if c["stochastic"] else "") + ")")
+    click.echo(f"source: {c['source']}\n")
+    click.echo(c["doc"] + "\n")
+    props = c["params"].get("properties", {})
+    click.echo("parameters:" if props else "parameters: none")
+    for key, p in props.items():
+        click.echo(f"  {key}: {_schema_type(p)}{_schema_bounds(p)} = {p.get('default')!r}"
+                   + (f"  {p['description']}" if p.get("description") else ""))
+
+
+def _schema_type(prop: dict) -> str:
+    if "enum" in prop:
+        return " | ".join(repr(v) for v in prop["enum"])
+    if "anyOf" in prop:
+        return " | ".join(_schema_type(p) for p in prop["anyOf"])
+    if prop.get("type") == "array":
+        return f"list[{_schema_type(prop.get('items', {}))}]"
+    return prop.get("type", "any")
+
+
+def _schema_bounds(prop: dict) -> str:
+    marks = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+    bounds = [f"{op} {prop[k]}" for k, op in marks.items() if k in prop]
+    return f" ({', '.join(bounds)})" if bounds else ""
 
 
 @main.command()

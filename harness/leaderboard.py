@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from harness.errors import FbhError
 from harness.spec import higher_is_better
 from harness.store import Store
+from harness.uncertainty import (Difference, average_replicates, interval, paired_difference, rank_label, rank_ranges,
+                                 task_replicates)
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
 
@@ -44,6 +46,8 @@ class Entry:
     error: str | None = None
     fingerprint: str | None = None
     extra: dict = field(default_factory=dict)
+    average_ci: tuple[float, float] | None = None   # 95% bootstrap interval of the average (harness.uncertainty)
+    rank: str | None = None                         # submissions: 95% range of ranks, '1' or '2-4'
 
 
 def _mean(values):
@@ -109,13 +113,55 @@ def _resolve(condition: str, labels: dict[str, tuple[str, int | None]], suite: s
     if condition in labels:
         return labels[condition]
     name, at, severity = condition.partition("@")
-    if at and severity.isdigit():
+    if at and severity.isdigit() and (name, int(severity)) in labels.values():
         return name, int(severity)
     choices = [label for label, (n, _) in labels.items() if n == condition]
     if choices:
         raise FbhError(f"corruption '{condition}' is listed at several severities in suite '{suite}'",
                        field="--condition", fix=f"name one: {', '.join(choices)}")
-    return condition, None
+    raise FbhError(f"suite '{suite}' has no condition '{condition}'", field="--condition",
+                   fix=f"use one of: {', '.join(['clean', *labels])}")
+
+
+def suite_names(store: Store) -> list[str]:
+    return [r["name"] for r in store.query("SELECT name FROM suites ORDER BY name")]
+
+
+def suite_settings(store: Store, suite: str) -> dict[str, dict]:
+    """Setting name -> its generalization split ({} for 'all'), from the stored suite spec."""
+    rows = store.query("SELECT spec FROM suites WHERE name = ?", [suite])
+    splits = json.loads(rows[0]["spec"]).get("generalization") or [] if rows else []
+    return {"all": {}, **{g["name"]: g for g in splits}}
+
+
+def resolve_suite(store: Store, suite: str | None) -> str:
+    """The suite asked for, or the database's only suite; an unknown name lists the stored ones."""
+    names = suite_names(store)
+    if suite is None:
+        if len(names) == 1:
+            return names[0]
+        raise FbhError(f"the database holds {len(names)} suites" + (f": {', '.join(names)}" if names else ""),
+                       field="--suite", fix="name one with --suite" if names else "run `fbh submit ...` first")
+    if suite not in names:
+        raise FbhError(f"no results for suite '{suite}' in this database", field="--suite",
+                       fix=f"use one of: {', '.join(names)}" if names else "run `fbh submit ...` first")
+    return suite
+
+
+def view(store: Store, suite: str, setting: str = "all", condition: str = "clean", fingerprint: str | None = None
+         ) -> tuple[list[str], list[Entry]]:
+    """What `fbh leaderboard` shows: the table of one setting and condition, checked against the stored
+    suite (an unknown setting or condition is an error naming the valid ones); a generalization setting's
+    entries carry their seen and unseen averages apart (extra['seen'], extra['unseen'])."""
+    settings = suite_settings(store, suite)
+    if setting not in settings:
+        raise FbhError(f"suite '{suite}' has no setting '{setting}'", field="--setting",
+                       fix=f"use one of: {', '.join(settings)}")
+    tasks, entries = table(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
+    split = settings[setting]
+    if split:
+        split_means(entries, split["seen"], split["unseen"])
+    return tasks, entries
 
 
 def relative_to_stl(metric: str, value: float | None, stl: float | None) -> float | None:
@@ -178,27 +224,64 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
             else -(e.average if e.average is not None else -1e9)
     entries.sort(key=lambda e: (kind_rank.get(e.kind, 3), e.status != "ok", REFERENCE_ORDER.get(e.label, 9), rank(e),
                                 e.label))
+    add_uncertainty(store, entries, condition, severity, primary, task_split, higher_better=not ascending)
     return tasks, entries
 
 
+def add_uncertainty(store: Store, entries: list[Entry], condition: str, severity: int | None,
+                    primary: dict[str, str], task_split: str | None, higher_better: bool) -> None:
+    """Each average's 95% interval, and each submission's range of ranks among the submissions (entries
+    whose range includes 1 are tied with the leader); see harness.uncertainty."""
+    scored = [e for e in entries if e.status == "ok" and e.average is not None]
+    reps = task_replicates(store, [e.run_id for e in scored], condition, severity, primary, task_split)
+    averages = {e.run_id: average_replicates(reps.get(e.run_id, {}), list(e.scores)) for e in scored}
+    for e in scored:
+        e.average_ci = interval(averages[e.run_id])
+    ranked = [e for e in scored if e.kind == "submission"]
+    for e, (lo, hi) in zip(ranked, rank_ranges([e.average for e in ranked], [averages[e.run_id] for e in ranked],
+                                               higher_better)):
+        e.rank = rank_label(lo, hi)
+
+
 def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None = None) -> str:
-    """The table as text, CSV or JSON; `about` (suite, fingerprint, other_fingerprints) heads the JSON."""
+    """The table as text, CSV or JSON; `about` (suite, setting, condition, fingerprint, ...) heads the JSON.
+    Rank is a submission's 95% range of ranks; '95% CI' the average's bootstrap interval."""
     if fmt == "json":
-        return json.dumps({**(about or {}), "tasks": tasks, "entries": [asdict(e) for e in entries]}, indent=2,
-                          default=str)
+        return json.dumps({**(about or {}), "tasks": tasks, "entries": [_rounded(asdict(e)) for e in entries]},
+                          indent=2, default=str)
     extra = extra_columns(entries)
-    header = ["kind", "label", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "normalized"]
-    rows = [[e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", *[_fmt(e.scores.get(t)) for t in tasks],
+    split_means = [k for k in ("seen", "unseen") if any(k in e.extra for e in entries)]
+    header = ["rank", "kind", "label", "method", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "95% CI",
+              *[f"{k} avg" for k in split_means], "normalized", "data", "fusion s"]
+    rows = [[e.rank or "", e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", e.method or "",
+             *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
-             _fmt(e.average), _fmt(e.normalized)] for e in entries]
+             _fmt(e.average), _fmt_ci(e.average_ci), *[_fmt(e.extra.get(k)) for k in split_means],
+             _fmt(e.normalized), e.data_access or "", _fmt(e.fusion_seconds)] for e in entries]
     if fmt == "csv":
         buf = io.StringIO()
         csv.writer(buf).writerows([header, *rows])
         return buf.getvalue()
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+    left = {0, 1, 2, 3, len(header) - 2}
+    line = lambda cells: "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _rounded(value):
+    """JSON values to 4 decimals: more than any test set's resolution, less than float noise."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def _fmt_ci(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f"{ci[0]:.1f}-{ci[1]:.1f}"
 
 
 def extra_columns(entries: list[Entry]) -> list[tuple[str, str]]:
@@ -242,7 +325,36 @@ def generalization(store: Store, suite: str, split: str, seen: list[str],
     """Entries of one generalization split (fused from the seen experts), each with extra['seen'] and
     extra['unseen'] = mean score over those tasks; references come from the 'all' setting."""
     tasks, entries = table(store, suite, setting=split)
+    split_means(entries, seen, unseen)
+    return tasks, entries
+
+
+def split_means(entries: list[Entry], seen: list[str], unseen: list[str]) -> None:
     for e in entries:
         e.extra["seen"] = _mean([e.scores.get(t) for t in seen])
         e.extra["unseen"] = _mean([e.scores.get(t) for t in unseen])
-    return tasks, entries
+
+
+def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", condition: str = "clean",
+            fingerprint: str | None = None) -> tuple[Entry, Entry, list[Difference]]:
+    """Entry a minus entry b (labels of one leaderboard: submissions or references) on every task both
+    have and on their average over those tasks, each with a paired-bootstrap 95% interval and p-value
+    (the same resampled test examples for both; harness.uncertainty)."""
+    tasks, entries = view(store, suite, setting, condition, fingerprint)
+    by_label = {e.label: e for e in entries if e.status == "ok" and e.kind != "published"}
+    for label, flag in ((a, "A"), (b, "B")):
+        if label not in by_label:
+            raise FbhError(f"no completed entry '{label}' on suite '{suite}' (setting {setting}, condition "
+                           f"{condition})", field=flag, fix=f"use one of: {', '.join(by_label) or '(none yet)'}")
+    ea, eb = by_label[a], by_label[b]
+    primary = task_metrics(store, suite)
+    name, severity = resolve_condition(store, suite, condition)
+    reps = task_replicates(store, [ea.run_id, eb.run_id], name, severity, primary)
+    ra, rb = reps.get(ea.run_id, {}), reps.get(eb.run_id, {})
+    common = [t for t in tasks if t in ea.scores and t in eb.scores]
+    rows = [paired_difference(t, ea.scores[t], eb.scores[t], ra.get(t), rb.get(t)) for t in common]
+    if len({higher_is_better(primary.get(t, "accuracy")) for t in common}) == 1 and common:
+        rows.append(paired_difference("average", _mean([ea.scores[t] for t in common]),
+                                      _mean([eb.scores[t] for t in common]),
+                                      average_replicates(ra, common), average_replicates(rb, common)))
+    return ea, eb, rows

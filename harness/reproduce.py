@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from harness.errors import FbhError
 from harness.planner import Job, find_suite
-from harness.store import Store
+from harness.store import ROW_COLUMNS, Store
 
 ROW_KEY = ("task", "task_split", "condition", "severity", "metric")
 REPRODUCIBLE = "kind IN ('submission', 'reference') AND status = 'ok' AND NOT coalesce(superseded, false)"
@@ -96,7 +96,7 @@ def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> R
         out.error = result.run.error
         return out
     stored = {tuple(r[k] for k in ROW_KEY): r["value"]
-              for r in store.query("SELECT * FROM results WHERE run_id = ?", [run["run_id"]])}
+              for r in store.query(f"SELECT {ROW_COLUMNS} FROM results WHERE run_id = ?", [run["run_id"]])}
     now = {tuple(r[k] for k in ROW_KEY): r["value"] for r in result.rows}
     out.rows = [RowDifference(k, stored.get(k), now.get(k)) for k in sorted({*stored, *now}, key=str)]
     return out

@@ -29,7 +29,7 @@ from harness.leaderboard import (Entry, condition_label, condition_labels, extra
                                  other_fingerprints, relative_to_stl, robustness)
 from harness.paths import REPO_ROOT
 from harness.spec import higher_is_better
-from harness.store import Store
+from harness.store import ROW_COLUMNS, Store
 
 SITE_SOURCES = REPO_ROOT / "site"
 MARKER = ".fbh-site"  # marks a directory this module built, so a rebuild may replace it
@@ -232,7 +232,7 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
     runs = {r["run_id"]: r for rs in _rows_by(store, "SELECT * FROM runs WHERE run_id IN "
                                               "(SELECT unnest(?::VARCHAR[]))", run_ids, "run_id").values()
             for r in rs}
-    results = _rows_by(store, "SELECT * FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
+    results = _rows_by(store, f"SELECT {ROW_COLUMNS} FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
                               "ORDER BY condition, task", run_ids, "run_id")
     # An entry whose latest run failed shows that failure, not an older run's scores.
     failed_ids = [e.run_id for es in [ranked, *split_ranked.values()] for e in es if e.status != "ok"]

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -89,7 +89,8 @@ CREATE TABLE IF NOT EXISTS results (
     value DOUBLE NOT NULL,
     n INTEGER,
     ci_low DOUBLE,
-    ci_high DOUBLE
+    ci_high DOUBLE,
+    replicates FLOAT[]                -- the value on each bootstrap resample (harness.evaluate): paired across entries
 );
 CREATE INDEX IF NOT EXISTS runs_key ON runs (run_key);
 CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
@@ -100,7 +101,10 @@ RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "set
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
                "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "job",
                "superseded"]
-RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high"]
+RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high",
+                  "replicates"]
+# What a reader of result rows wants, without the replicates' thousand floats a row.
+ROW_COLUMNS = ", ".join(["run_id", *RESULT_COLUMNS[:-1]])
 JSON_COLUMNS = {"params", "grid", "packages", "inputs", "job"}
 # Columns each schema version added, so an older database is brought up to date in place.
 MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
@@ -109,7 +113,8 @@ MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN inputs JSON",
                   "ALTER TABLE runs ADD COLUMN job JSON",
-                  "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"]}
+                  "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"],
+              3: ["ALTER TABLE results ADD COLUMN replicates FLOAT[]"]}
 
 
 def now() -> datetime:

@@ -57,7 +57,7 @@ def test_submit_stores_complete_runs_and_leaderboard(fbh_env):
     stl = data["entries"][1]
     assert stl["normalized"] == pytest.approx(100.0)
     csv_out = fbh("leaderboard", "--suite", "tiny-small", "--db", str(db), "--format", "csv").output
-    assert csv_out.splitlines()[0].startswith("kind,label,digits")
+    assert csv_out.splitlines()[0].startswith("rank,kind,label,method,digits")
 
 
 def test_ensemble_and_grid_search(fbh_env, write_yaml):
