@@ -55,13 +55,14 @@ def main():
 
 
 @main.command()
-@click.argument("submission", type=click.Path(path_type=Path))
+@click.argument("submission_files", metavar="SUBMISSION...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--suite", "suites", multiple=True, help="suite name (repeatable) [default: the submission's "
               "suites, else every suite marked default]")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="recompute runs even if an identical run is stored")
 @click.option("--quiet", is_flag=True, help="print only the summary")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON (progress still goes to stderr)")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm", "submitit-local"]), default="local",
               show_default=True, help="where jobs run; results always come back to this process's database")
 @click.option("--address", default=None, help="Ray cluster address HOST:PORT (--executor ray)")
@@ -74,9 +75,12 @@ def main():
 @click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="CPUs per Slurm / submitit task")
 @click.option("--timeout-min", type=click.IntRange(1), default=60, show_default=True,
               help="wall-time limit of a Slurm / submitit task, minutes")
-def submit(submission, suites, db, device, force, quiet, executor, address, jobs_per_task, submitit_folder,
-           slurm_partition, gpus_per_task, cpus_per_task, timeout_min):
-    """Fuse and evaluate SUBMISSION (a submissions/*.yaml file) and store the runs."""
+def submit(submission_files, suites, db, device, force, quiet, as_json, executor, address, jobs_per_task,
+           submitit_folder, slurm_partition, gpus_per_task, cpus_per_task, timeout_min):
+    """Fuse and evaluate each SUBMISSION (submissions/*.yaml files; shell globs work) and store the runs.
+    Every file is validated before any is run; a failed run fails its own row, not the others."""
+    import json
+    from harness.validate import validate_file
     from harness.executors import make_executor
     from harness.runner import submit as run_submit
     if executor == "ray" and not address:
@@ -85,15 +89,41 @@ def submit(submission, suites, db, device, force, quiet, executor, address, jobs
     run_on = make_executor(executor, address=address, folder=submitit_folder, jobs_per_task=jobs_per_task,
                            slurm={"slurm_partition": slurm_partition, "gpus_per_node": gpus_per_task,
                                   "cpus_per_task": cpus_per_task, "timeout_min": timeout_min})
-    report = run_submit(submission, suites=list(suites) or None, db=db, device=device,
-                        progress=progress_printer(quiet), force=force, executor=run_on)
-    for o in report.outcomes:
-        score = f"{o.mean:6.2f}" if o.mean is not None else "      "
-        click.echo(f"{o.status:7s} {o.suite:18s} {o.setting:24s} {o.label:28s} {score}"
-                   + (f"  {o.error}" if o.error else ""))
-    if report.failed:
-        click.echo(f"{len(report.failed)} run(s) failed", err=True)
+    for path in submission_files:  # a typo in the last file is found before the first one runs
+        validate_file(path)
+    reports = [run_submit(path, suites=list(suites) or None, db=db, device=device, progress=progress_printer(quiet),
+                          force=force, executor=run_on) for path in submission_files]
+    outcomes = [o for r in reports for o in r.outcomes]
+    if as_json:
+        click.echo(json.dumps({"outcomes": [{"submission": r.submission, **_outcome_json(o)}
+                                            for r in reports for o in r.outcomes]}, indent=2))
+    else:
+        click.echo(summary_table(outcomes))
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        click.echo(f"{len(failed)} run(s) failed", err=True)
         sys.exit(1)
+
+
+def _outcome_json(o) -> dict:
+    from dataclasses import asdict
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(o).items()}
+
+
+def summary_table(outcomes) -> str:
+    """One line a run: status, suite, setting, entry, mean clean score, fusion and evaluation seconds."""
+    header = ("status", "suite", "setting", "entry", "score", "fusion s", "eval s")
+    rows = [(o.status, o.suite, o.setting, o.label, _num(o.mean, 2), _num(o.fusion_seconds, 1),
+             _num(o.eval_seconds, 1)) for o in outcomes]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < 4 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    errors = [f"  {o.label} ({o.suite}/{o.setting}): {o.error}" for o in outcomes if o.error]
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *errors])
+
+
+def _num(v, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
 
 
 def _open_results(db) -> "Store":  # noqa: F821
@@ -238,18 +268,30 @@ def suites():
 
 
 @suites.command("list")
-def suites_list():
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def suites_list(as_json):
     """List every suite in suites/ with its tasks and whether its models are available."""
+    import json
     from harness.runner import find_suite, suite_files
     from harness.suites import availability
+    listed = []
     for name in suite_files():
         try:
             spec, path = find_suite(name)
         except FbhError as exc:
-            click.echo(f"{name:24s} INVALID  {exc.render().splitlines()[0]}")
+            listed.append({"name": name, "status": "invalid", "why": exc.render().splitlines()[0]})
             continue
         status, why = availability(spec, path)
-        click.echo(f"{name:24s} {status:11s} {len(spec.tasks):2d} tasks  {spec.family.kind:14s} {why}")
+        listed.append({"name": name, "status": status, "why": why, "tasks": spec.task_names,
+                       "family": spec.family.kind, "default": spec.default, "file": str(path)})
+    if as_json:
+        click.echo(json.dumps({"suites": listed}, indent=2))
+        return
+    for s in listed:
+        if s["status"] == "invalid":
+            click.echo(f"{s['name']:24s} INVALID  {s['why']}")
+        else:
+            click.echo(f"{s['name']:24s} {s['status']:11s} {len(s['tasks']):2d} tasks  {s['family']:14s} {s['why']}")
 
 
 @suites.command("check")
@@ -363,18 +405,26 @@ def _schema_bounds(prop: dict) -> str:
 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
-def validate(files):
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: each file's kind or error")
+def validate(files, as_json):
     """Validate suite and submission files; exit 2 on the first problem in each."""
+    import json
     from harness.validate import validate_file
-    bad = 0
+    checked = []
     for f in files:
         try:
-            kind = validate_file(f)
-            click.echo(f"ok      {f} ({kind})")
+            checked.append({"file": str(f), "ok": True, "kind": validate_file(f)})
         except FbhError as exc:
-            bad += 1
-            click.echo(f"error: {exc.render()}", err=True)
-    if bad:
+            checked.append({"file": str(f), "ok": False, "error": exc.message, "in_file": exc.file, "field": exc.field,
+                            "fix": exc.fix})
+            if not as_json:
+                click.echo(f"error: {exc.render()}", err=True)
+            continue
+        if not as_json:
+            click.echo(f"ok      {f} ({checked[-1]['kind']})")
+    if as_json:
+        click.echo(json.dumps({"files": checked}, indent=2))
+    if not all(c["ok"] for c in checked):
         sys.exit(2)
 
 

@@ -116,6 +116,8 @@ class Outcome:
     run_id: str | None = None
     error: str | None = None
     mean: float | None = None
+    fusion_seconds: float | None = None
+    eval_seconds: float | None = None
 
 
 @dataclass
@@ -420,7 +422,8 @@ def select_points(store: Store, searches: list[GridSearch], primary: dict[str, d
 
 def outcome(result: JobResult) -> Outcome:
     r = result.run
-    return Outcome(r.suite, r.setting, r.label, r.status, r.run_id, r.error, mean_clean(result.rows))
+    return Outcome(r.suite, r.setting, r.label, r.status, r.run_id, r.error, mean_clean(result.rows),
+                   r.fusion_seconds, r.eval_seconds)
 
 
 def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, label: str,

@@ -3,6 +3,7 @@ unavailable ones stop `fbh submit` with a clear message, or are skipped among ot
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -97,8 +98,8 @@ def test_unavailable_suite_is_a_clear_error_or_skipped(fbh_env, tmp_path, monkey
     assert "openai/clip-vit-base-patch32" in alone.output and "fix:" in alone.output
 
     both = CliRunner().invoke(main, ["submit", sub, "--suite", "clip-vit-b32-8tasks", "--suite", "tiny-small",
-                                     "--db", db])
+                                     "--db", db, "--json"])
     assert both.exit_code == 0, both.output
-    statuses = [(line.split()[0], line.split()[1]) for line in both.stdout.splitlines() if line.strip()]
+    statuses = [(o["status"], o["suite"]) for o in json.loads(both.stdout)["outcomes"]]
     assert statuses[0] == ("skipped", "clip-vit-b32-8tasks")
     assert ("ok", "tiny-small") in statuses or ("cached", "tiny-small") in statuses
