@@ -168,6 +168,21 @@ def tier_suites(tier: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- run
 
+def changed_suites(changed: list[str]) -> list[Path]:
+    """The suite files (suites/*.yaml) a change touches, itself or through a file it includes."""
+    from harness.spec import included_files
+    touched = {(REPO_ROOT / f).resolve() for f in changed}
+    out = []
+    for path in sorted((REPO_ROOT / "suites").glob("*.y*ml")):
+        try:
+            includes = set(included_files(path))
+        except FbhError:
+            includes = set()  # the broken suite is reported when it is validated itself
+        if path.resolve() in touched or includes & touched:
+            out.append(path)
+    return out
+
+
 def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print, executor=None) -> CiResult:
     from harness.registry import discover
     from harness.runner import local_executor, submit
@@ -178,8 +193,7 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
     changed = changed_files(base)
     result = CiResult(base=base, head=_git("rev-parse", "--short", "HEAD").strip(), tier=tier, changed=changed)
     result.file_checks += check_method_files(changed)
-    result.file_checks += check_spec_files([REPO_ROOT / f for f in changed
-                                            if f.startswith("suites/") and f.endswith((".yaml", ".yml"))])
+    result.file_checks += check_spec_files(changed_suites(changed))
     suites = tier_suites(tier)
     used = set()
     for path, reason in affected_submissions(changed).items():

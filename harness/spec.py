@@ -351,8 +351,76 @@ def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
         raise validation_error(exc, file, what) from None
 
 
+MAX_INCLUDE_DEPTH = 8
+MAX_INCLUDES = 1000  # files read through include: for one spec (a 20-task suite reads 20)
+
+
+def with_includes(data: Any, file: Path, root: Path | None = None, loc: str = "", chain: tuple = (),
+                  reads: list | None = None) -> Any:
+    """`data` with every `include: FILE` (or a list of files) expanded, at any level: a mapping is the
+    included files' mappings merged in order, then its own keys over them (mappings merge key by key,
+    anything else is replaced), as lm-evaluation-harness's task `include:`. FILE is relative to the file
+    that names it and must stay inside the top-level spec's folder (root)."""
+    root = root or Path(file).resolve().parent
+    reads = [] if reads is None else reads
+    if isinstance(data, list):
+        return [with_includes(v, file, root, f"{loc}[{i}]", chain, reads) for i, v in enumerate(data)]
+    if not isinstance(data, dict):
+        return data
+    own = {k: with_includes(v, file, root, f"{loc}.{k}" if loc else str(k), chain, reads)
+           for k, v in data.items() if k != "include"}
+    if "include" not in data:
+        return own
+    field = f"{loc}.include" if loc else "include"
+    names = data["include"] if isinstance(data["include"], list) else [data["include"]]
+    merged: dict = {}
+    for name in names:
+        merged = _merged(merged, _included(name, Path(file), root, field, chain, reads))
+    return _merged(merged, own)
+
+
+def _included(name: Any, file: Path, root: Path, field: str, chain: tuple, reads: list) -> dict:
+    if not isinstance(name, str) or not name:
+        raise FbhError(f"include must name a file (got {name!r:.60})", file=str(file), field=field,
+                       fix="write include: path/to/file.yaml, relative to this file")
+    target = (file.resolve().parent / name).resolve()
+    if not target.is_relative_to(root):
+        raise FbhError(f"included file {name} is outside the suites folder {root}", file=str(file), field=field,
+                       fix="keep included files inside the folder of the suite that includes them")
+    if target in chain or len(chain) >= MAX_INCLUDE_DEPTH:
+        what = "includes itself" if target in chain else f"nests includes deeper than {MAX_INCLUDE_DEPTH}"
+        raise FbhError(f"{name} {what}", file=str(file), field=field, fix="remove the circular or deep include")
+    if not target.is_file():
+        raise FbhError(f"included file {name} not found (looked for {target})", file=str(file), field=field,
+                       fix="restore the file, or copy the suite together with the files it includes")
+    reads.append(target)
+    if len(reads) > MAX_INCLUDES:
+        raise FbhError(f"more than {MAX_INCLUDES} files included", file=str(file), field=field,
+                       fix="include each shared file once per suite")
+    return with_includes(read_yaml(target), target, root, "", (*chain, target), reads)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def included_files(path: Path) -> list[Path]:
+    """Every file a suite file includes, directly or not."""
+    reads: list[Path] = []
+    with_includes(read_yaml(path), Path(path), reads=reads)
+    return reads
+
+
+def read_suite_yaml(path: Path) -> dict[str, Any]:
+    """A suite file's fields with its includes expanded (not yet validated)."""
+    return with_includes(read_yaml(path), Path(path))
+
+
 def load_suite(path: Path) -> SuiteSpec:
-    suite = parse(SuiteSpec, read_yaml(path), str(path), "suite")
+    suite = parse(SuiteSpec, read_suite_yaml(path), str(path), "suite")
     check_refs_stay_inside(suite, Path(path))
     check_settings_are_distinct(suite, Path(path))
     check_conditions_are_distinct(suite, Path(path))
