@@ -181,8 +181,9 @@ def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, db):
 
 def _metrics(store, suite: str, tasks: list[str]) -> dict[str, str]:
     from harness.leaderboard import task_metrics
+    from harness.metrics import DEFAULT_METRIC
     primary = task_metrics(store, suite)
-    return {t: primary.get(t, "accuracy") for t in tasks}
+    return {t: primary.get(t, DEFAULT_METRIC) for t in tasks}
 
 
 @main.command()

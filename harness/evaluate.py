@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from harness.api import Ensemble
 from harness.families import Family
+from harness.metrics import metric as metric_info
 from harness.digests import load_verified, save_verified, tensors_digest
 from harness.tensors import StateDict
 
@@ -186,6 +187,10 @@ def score_task(predictor: Predictor, family: Family, task: str, *, split: str, t
     # sample, in reported units; otherwise the metric is the mean of per-example scores, in percent.
     statistic = getattr(family, "statistic", None)
     value_of = statistic(task, outputs, targets) if statistic is not None else None
+    if (value_of is not None) != (metric_info(spec.metric).aggregation == "corpus"):
+        raise TypeError(f"the {type(family).__name__} family computes '{spec.metric}' of task '{task}' as a "
+                        f"{'corpus statistic' if value_of is not None else 'mean of per-example scores'}, but "
+                        f"harness.metrics registers it as aggregation '{metric_info(spec.metric).aggregation}'")
     seed = task_seed(task)
     if value_of is not None:
         rows = [statistic_row(value_of, len(targets), seed, metric=spec.metric, **where)]

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from harness.errors import FbhError
-from harness.spec import higher_is_better
+from harness.metrics import DEFAULT_METRIC, higher_is_better
 from harness.store import Store
 from harness.uncertainty import (Difference, average_replicates, interval, paired_difference, rank_label, rank_ranges,
                                  task_replicates)
@@ -80,7 +80,7 @@ def task_metrics(store: Store, suite: str) -> dict[str, str]:
     """Task -> its primary metric, from the stored suite spec (accuracy-like when unknown)."""
     rows = store.query("SELECT spec FROM suites WHERE name = ?", [suite])
     tasks = json.loads(rows[0]["spec"])["tasks"] if rows else []
-    return {t["name"]: t.get("metric", "accuracy") for t in tasks}
+    return {t["name"]: t.get("metric", DEFAULT_METRIC) for t in tasks}
 
 
 def condition_labels(corruptions: list[dict]) -> dict[str, tuple[str, int | None]]:
@@ -199,7 +199,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
             else:
                 extras.setdefault(r["run_id"], {}).setdefault(r["task"], {})[r["metric"]] = r["value"]
     stl = next((by_run.get(r["run_id"], {}) for r in runs if r["label"] == "STL" and r["kind"] == "reference"), {})
-    directions = {higher_is_better(primary.get(t, "accuracy")) for t in tasks}
+    directions = {higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in tasks}
     ascending = directions == {False}  # a suite of errors only ranks its lowest average first
     entries = []
     for r in runs:
@@ -207,7 +207,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
         if not scores and r["status"] == "ok":
             continue
         cols = [t for t in tasks if t in scores]
-        norm = _mean([relative_to_stl(primary.get(t, "accuracy"), scores[t], stl.get(t)) for t in cols])
+        norm = _mean([relative_to_stl(primary.get(t, DEFAULT_METRIC), scores[t], stl.get(t)) for t in cols])
         average = _mean([scores[t] for t in cols]) if len(directions) == 1 else None
         entries.append(Entry(kind=r["kind"], label=r["label"], run_id=r["run_id"], method=r["method"],
                              scores=scores, average=average, normalized=norm,
@@ -306,7 +306,7 @@ def robustness(store: Store, suite: str, conditions: list[str]) -> tuple[list[st
         if conditions and entries else []
     primary = task_metrics(store, suite)
     # A mean over tasks is only meaningful when every task's primary metric points the same way.
-    comparable = len({higher_is_better(primary.get(t, "accuracy")) for t in tasks}) == 1
+    comparable = len({higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in tasks}) == 1
     scores: dict[tuple[str, str], dict[str, float]] = {}
     for r in rows:
         label = condition_label(r, labels)
@@ -353,7 +353,7 @@ def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", c
     ra, rb = reps.get(ea.run_id, {}), reps.get(eb.run_id, {})
     common = [t for t in tasks if t in ea.scores and t in eb.scores]
     rows = [paired_difference(t, ea.scores[t], eb.scores[t], ra.get(t), rb.get(t)) for t in common]
-    if len({higher_is_better(primary.get(t, "accuracy")) for t in common}) == 1 and common:
+    if len({higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in common}) == 1 and common:
         rows.append(paired_difference("average", _mean([ea.scores[t] for t in common]),
                                       _mean([eb.scores[t] for t in common]),
                                       average_replicates(ra, common), average_replicates(rb, common)))

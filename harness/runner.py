@@ -30,7 +30,8 @@ from harness.errors import FbhError, SuiteUnavailable
 from harness.planner import (GridSearch, Job, SuiteInputs, all_keys, content_hash, default_suites, find_suite,
                              grid_points, harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
 from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
-from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
+from harness.metrics import higher_is_better
+from harness.spec import SubmissionSpec, SuiteSpec, load_submission
 from harness.store import Run, Store, now
 from harness.suites import require_available
 from harness.validate import check_name_owned

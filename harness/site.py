@@ -28,7 +28,7 @@ from harness.errors import FbhError
 from harness.leaderboard import (Entry, condition_label, condition_labels, extra_columns, generalization,
                                  other_fingerprints, relative_to_stl, robustness)
 from harness.paths import REPO_ROOT
-from harness.spec import higher_is_better
+from harness.metrics import DEFAULT_METRIC, higher_is_better, label as metric_hint
 from harness.store import ROW_COLUMNS, Store
 
 SITE_SOURCES = REPO_ROOT / "site"
@@ -157,12 +157,12 @@ class SuitePages:
     @property
     def metrics(self) -> dict[str, str]:
         """Task -> its primary metric."""
-        return {t["name"]: t.get("metric", "accuracy") for t in self.spec.get("tasks", [])}
+        return {t["name"]: t.get("metric", DEFAULT_METRIC) for t in self.spec.get("tasks", [])}
 
     def result_order(self, row: dict) -> tuple:
         """Sort key of a result row: the suite's task order, then the primary metric before the extra ones."""
         spec = next((t for t in self.spec.get("tasks", []) if t["name"] == row["task"]), {})
-        metrics = [spec.get("metric", "accuracy"), *spec.get("extra_metrics", [])]
+        metrics = [spec.get("metric", DEFAULT_METRIC), *spec.get("extra_metrics", [])]
         return (self.tasks.index(row["task"]) if row["task"] in self.tasks else len(self.tasks), row["task"],
                 metrics.index(row["metric"]) if row["metric"] in metrics else len(metrics), row["metric"])
 
@@ -170,12 +170,12 @@ class SuitePages:
     def relative_to_stl(self) -> bool:
         """Whether charts plot scores as % of the STL expert instead of raw values: raw values only read
         'higher is better' on one axis when every task's primary metric is a score (not an error)."""
-        return not all(higher_is_better(self.metrics.get(t, "accuracy")) for t in self.tasks)
+        return not all(higher_is_better(self.metrics.get(t, DEFAULT_METRIC)) for t in self.tasks)
 
     @property
     def score_title(self) -> str:
         """What a task's (primary) value is, e.g. 'accuracy (%)'."""
-        metrics = {self.metrics.get(t, "accuracy") for t in self.tasks}
+        metrics = {self.metrics.get(t, DEFAULT_METRIC) for t in self.tasks}
         return metric_hint(metrics.pop()) if len(metrics) == 1 else "score (each task's primary metric)"
 
     @property
@@ -200,7 +200,7 @@ class SuitePages:
         if not self.relative_to_stl:
             return [e.scores.get(t) for t in self.tasks]
         stl = self.stl.scores if self.stl else {}
-        return [_percent_of_stl(self.metrics.get(t, "accuracy"), e.scores.get(t), stl.get(t)) for t in self.tasks]
+        return [_percent_of_stl(self.metrics.get(t, DEFAULT_METRIC), e.scores.get(t), stl.get(t)) for t in self.tasks]
 
 
 STL_RATIO = "score / STL, STL / error for errors; higher is better"
@@ -281,16 +281,6 @@ def leaderboard_table(s: SuitePages) -> Table:
                 mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
 
     return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))
-
-
-METRIC_HINTS = {"accuracy": "accuracy (%)", "exact_match": "exact match (%)", "spearman": "Spearman rho x 100",
-                "miou": "mean IoU (%)", "pixel_accuracy": "pixel accuracy (%)",
-                "abs_err": "absolute error x 100, lower is better", "rel_err": "relative error x 100, lower is better",
-                "mean_angle": "mean angular error (degrees), lower is better"}
-
-
-def metric_hint(metric: str | None) -> str:
-    return METRIC_HINTS.get(metric or "accuracy", metric or "")
 
 
 def robustness_table(s: SuitePages) -> Table:

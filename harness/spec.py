@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import FbhError
+from harness.metrics import DEFAULT_METRIC, MetricName
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -56,12 +57,7 @@ class FamilySpec(Strict):
     allow_pickle: bool = Field(False, description="opt in to loading non-safetensors checkpoints")
 
 
-Metric = Literal["accuracy", "exact_match", "spearman", "miou", "pixel_accuracy", "abs_err", "rel_err", "mean_angle"]
-LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mean_angle"})  # errors; every other metric is a score
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
+Metric = MetricName  # harness.metrics registers each one's direction, aggregation and display
 
 
 class TaskSpec(Strict):
@@ -74,7 +70,7 @@ class TaskSpec(Strict):
     split: str = "test"
     validation_split: str | None = "validation"
     train_split: str | None = "train"
-    metric: Metric = Field("accuracy", description="the primary metric: the one averages and rankings use")
+    metric: Metric = Field(DEFAULT_METRIC, description="the primary metric: the one averages and rankings use")
     extra_metrics: list[Metric] = Field(default_factory=list,
                                         description="further metrics stored and shown per task, e.g. pixel accuracy")
     max_examples: int | None = Field(None, gt=0, le=10_000_000)
