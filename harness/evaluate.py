@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from harness.api import Ensemble
 from harness.families import Family
 from harness.metrics import metric as metric_info
+from harness.predictor import Predictor, combine
 from harness.digests import load_verified, save_verified, tensors_digest
 from harness.tensors import StateDict
 
@@ -39,26 +40,6 @@ class ResultRow:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Predictor:
-    """A fused model ready to predict: one module, or several whose logits combine.
-    member_keys: which checkpoint each member is (None when it was made in this run), so
-    that a member's outputs on a test set are computed once for every ensemble and reference."""
-    members: list[nn.Module]
-    weights: list[float] | None = None
-    reduce: str = "mean"
-    member_keys: list[str | None] | None = None
-
-    def num_parameters(self) -> int:
-        seen, total = set(), 0
-        for m in self.members:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel()
-        return total
 
 
 def as_predictor(fused, family: Family) -> Predictor:
@@ -90,16 +71,6 @@ def check_state(state: StateDict) -> None:
             raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"fused weights contain NaN or inf in '{k}'")
-
-
-def combine(predictor: Predictor, member_logits: Tensor) -> Tensor:
-    """Reduce stacked member logits [members, batch, ...] to one prediction's logits."""
-    if predictor.reduce == "max":
-        return member_logits.max(dim=0).values
-    if predictor.weights is not None:
-        w = torch.tensor(predictor.weights, device=member_logits.device)
-        return (w.view(-1, *[1] * (member_logits.dim() - 1)) * member_logits).sum(0)
-    return member_logits.mean(0)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ HARNESS_DIR = Path(__file__).parent
 RESULT_SHAPING_MODULES = (
     "api.py",                       # what a method is handed: FusionContext, its data batches, Ensemble
     "corruptions.py",               # the corrupted test sets
-    "evaluate.py",                  # predicting, combining ensembles, metrics and their intervals
+    "evaluate.py",                  # predicting, metrics and their intervals
     "families/__init__.py",         # which adapter a suite's family kind loads
     "families/clip_vision.py",      # the model families: loading, running and scoring models
     "families/common.py",
@@ -45,12 +45,14 @@ RESULT_SHAPING_MODULES = (
     "families/gpt2_classification.py",
     "families/open_clip_vision.py",
     "families/resnet_nyuv2.py",
+    "metrics.py",                   # each metric's direction (grid selection) and aggregation
     "moe.py",                       # upscaled modules of the mixing methods
     "pool.py",                      # reading checkpoints' tensors
+    "predictor.py",                 # combining ensemble members' outputs
     "registry.py",                  # a method's params as validated, and how many examples it may read
     "runner.py",                    # seeds, the data and corruptions each run sees, grid-point selection
     "sources.py",                   # which files a suite's model and data references load
-    "spec.py",                      # which metrics are errors (lower is better), as grid selection reads them
+    "spec.py",                      # the validated suite and submission fields a run reads
     "tensors.py",                   # the state-dict arithmetic of merging
 )
 

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
 from harness.identity import revision_for
-from harness.evaluate import combine
+from harness.predictor import combine
 from harness.families.common import HUB_FIX, FamilyBase, load_cached, load_pretrained, load_split
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
