@@ -49,6 +49,8 @@ PRIVATE_ENV_PREFIXES = ("FBH_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_CACHE")
 KEY_ORDER = "fbh_key_order"
 # Files the driver writes, and the worker's answers.
 GO_MARKER, FUSING_MARKER, RESULT = "go", "fusing", "result.json"
+UNVERIFIED = ("data access not verified: the fused result is code (a module of the method's own), which only "
+              "a maintainer's approval (methods/approved.txt) lets trusted code load")
 BUDGET_FIX = ("lower the method's steps or data for this suite (a submission per suite), or argue for a larger "
               "budget in the suite file")
 
@@ -151,9 +153,10 @@ def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int
 
 
 def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, budget: float | None = None,
-                  progress=print) -> Fused:
+                  progress=print, keep: Path | None = None) -> Fused:
     """Run info's method on the suite's models in a worker process that holds only what it declared;
-    ended at `budget` seconds of fusion (FusionTimeout naming the suite's field)."""
+    ended at `budget` seconds of fusion (FusionTimeout naming the suite's field). keep: a folder to
+    copy the worker's answer into (`fbh ci --fuse-only`), read later by read_result."""
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
         # Started first: the worker imports torch while the driver writes its inputs.
@@ -167,7 +170,9 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        return read_result(folder, handle, tasks, seconds, progress)
+        if keep is not None:
+            shutil.copytree(folder / "out", keep, dirs_exist_ok=True)
+        return read_result(folder / "out", handle, tasks, seconds, progress)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -190,10 +195,11 @@ def wait_for_worker(proc: subprocess.Popen, folder: Path, budget: float | None, 
     return time.perf_counter() - (fusing_since or started_waiting)
 
 
-def read_result(folder: Path, handle, tasks: list[str], seconds: float, progress) -> Fused:
+def read_result(out: Path, handle, tasks: list[str], seconds: float, progress, load_code: bool = True) -> Fused:
+    """The fused result a worker wrote into `out`. load_code=False (a trusted CI job): a result
+    that is code (a pickled module) is refused instead of loaded."""
     import torch
     from harness.api import Ensemble
-    out = folder / "out"
     try:
         result = json.loads((out / RESULT).read_text())
     except (OSError, ValueError):
@@ -215,6 +221,8 @@ def read_result(folder: Path, handle, tasks: list[str], seconds: float, progress
         value = Ensemble([member(m) for m in result["members"]], result["weights"], result["reduce"])
         return Fused(value, seconds, peak, True)
     # A module of the method's own comes back pickled: loading it runs the method's classes here.
+    if not load_code:
+        raise MethodFailed(UNVERIFIED)
     return Fused(torch.load(out / "fused.pt", map_location=family.device, weights_only=False), seconds, peak, False)
 
 

@@ -13,6 +13,7 @@ from harness.spec import higher_is_better
 from harness.store import Store
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
+NOT_VERIFIED = "data access not verified"
 
 # Each entry's latest run that nothing superseded, failed or not (a changed submission whose new run
 # failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint.
@@ -43,7 +44,15 @@ class Entry:
     status: str = "ok"
     error: str | None = None
     fingerprint: str | None = None
+    # False: the fused result came back as code nobody approved, so what data it read is unproven
+    data_access_verified: bool | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def data_access_shown(self) -> str | None:
+        if self.data_access_verified is False:
+            return f"{self.data_access or '?'} ({NOT_VERIFIED})"
+        return self.data_access
 
 
 def _mean(values):
@@ -169,6 +178,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
                              n_parameters=r["n_parameters"], fusion_seconds=r["fusion_seconds"],
                              peak_memory_bytes=r["peak_memory_bytes"], source=r["source"], status=r["status"],
                              error=r["error"], fingerprint=r["fingerprint"],
+                             data_access_verified=r["data_access_verified"],
                              extra={"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}))
     kind_rank = {"reference": 0, "published": 1, "submission": 2}
     def rank(e: Entry) -> float:
@@ -188,7 +198,7 @@ def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None 
                           default=str)
     extra = extra_columns(entries)
     header = ["kind", "label", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "normalized"]
-    rows = [[e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", *[_fmt(e.scores.get(t)) for t in tasks],
+    rows = [[e.kind, _shown_label(e), *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
              _fmt(e.average), _fmt(e.normalized)] for e in entries]
     if fmt == "csv":
@@ -199,6 +209,12 @@ def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None 
     line = lambda cells: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _shown_label(e: Entry) -> str:
+    if e.status != "ok":
+        return f"{e.label} (FAILED)"
+    return f"{e.label} ({NOT_VERIFIED})" if e.data_access_verified is False else e.label
 
 
 def extra_columns(entries: list[Entry]) -> list[tuple[str, str]]:

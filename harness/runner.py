@@ -200,16 +200,9 @@ def _corruptions_for(spec: SuiteSpec, task: str):
 def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
     """A submission's leaderboard run: fuse with its params (for a grid, the point selected
     on validation by the driver) and evaluate on test, corruptions included in 'all'."""
-    from harness.evaluate import evaluate
     sub = SubmissionSpec.model_validate(job.submission)
-    spec = handle.spec
     params = job.params if job.params is not None else grid_points(sub)[0]
-    tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
-    corruptions = spec.corruptions if job.setting == "all" else ()
-    run, result = _fuse_and_score(job, handle, device, progress, params,
-                                  lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
-                                                             batch_size=spec.eval_batch_size,
-                                                             outputs_cache=handle.outputs))
+    run, result = _fuse_and_score(job, handle, device, progress, params, submission_scorer(job, handle))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -217,6 +210,15 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
         run.peak_memory_bytes = max(run.peak_memory_bytes or 0, job.selection["peak_memory_bytes"] or 0)
         run.data_access += "+grid:labeled_validation"
     return result
+
+
+def submission_scorer(job: Job, handle: SuiteHandle) -> Callable:
+    """predictor -> result rows of a submission's run: its setting's tasks on test, corruptions in 'all'."""
+    from harness.evaluate import evaluate
+    tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
+    corruptions = handle.spec.corruptions if job.setting == "all" else ()
+    return lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
+                                      batch_size=handle.spec.eval_batch_size, outputs_cache=handle.outputs)
 
 
 def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
