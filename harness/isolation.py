@@ -29,8 +29,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -124,16 +122,38 @@ def declared_data(handle, tasks: list[str], info, params) -> dict[str, dict]:
     return out
 
 
-def worker_env(folder: Path) -> dict[str, str]:
+def worker_env(empty: Path) -> dict[str, str]:
     """The driver's environment without its fbh and hub settings, which point at the caches; the
-    worker's are empty folders of its own. Python finds the same modules the driver imported."""
+    fusion processes' point at an empty folder instead."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
-    empty = folder / "empty"
-    empty.mkdir()
     env.update(FBH_CACHE=str(empty), FBH_DB=str(empty / "none.duckdb"), FBH_SUITES_DIR=str(empty),
-               FBH_SUBMISSIONS_DIR=str(empty), HF_HOME=str(empty), HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(str(Path(p).resolve()) for p in sys.path if p and Path(p).exists()))
+               FBH_SUBMISSIONS_DIR=str(empty), HF_HOME=str(empty), HF_HUB_OFFLINE="1")
     return env
+
+
+_processes = None  # the multiprocessing context fusion processes start from, once per driver
+
+
+def fusion_processes(preload: list[str]):
+    """Fusion processes fork from a forkserver: a fresh interpreter, started once with worker_env,
+    that has imported torch, the worker and the family's model code but holds nothing of this
+    process's memory, so each fusion process starts in milliseconds instead of importing torch."""
+    global _processes
+    if _processes is None:
+        import multiprocessing
+        from multiprocessing import forkserver
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["harness.fusion_worker", "harness.pool", "harness.provenance", *preload])
+        saved = dict(os.environ)
+        try:  # the server copies the environment it starts in; it never sees the driver's settings
+            os.environ.clear()
+            os.environ.update(worker_env(Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))))
+            forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        _processes = context
+    return _processes
 
 
 def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int, device) -> None:
@@ -147,6 +167,8 @@ def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int
     save_file({f"{kind}/{i}": t for i, task in enumerate(tasks) for kind, t in data.get(task, {}).items()},
               str(folder / "data.safetensors"))
     torch.save(family.fusion_kit(), folder / "kit.pt")
+    import methods  # folders added to the package at run time (tests, plugins) hold methods too
+    (folder / "methods_path.json").write_text(json.dumps([str(Path(p).resolve()) for p in methods.__path__]))
     with open(folder / "job.pkl", "wb") as f:
         pickle.dump({"info": info, "params": params, "tasks": tasks, "seed": seed, "device": str(device),
                      "threads": torch.get_num_threads()}, f)
@@ -159,17 +181,19 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     copy the worker's answer into (`fbh ci --fuse-only`), read later by read_result."""
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
-        # Started first: the worker imports torch while the driver writes its inputs.
-        proc = subprocess.Popen([sys.executable, "-m", "harness.fusion_worker", str(folder)], cwd=str(folder),
-                                env=worker_env(folder), stdin=subprocess.DEVNULL)
+        from harness import fusion_worker
+        family = handle.family
+        processes = fusion_processes([type(family).__module__, type(family.template()).__module__])
+        proc = processes.Process(target=fusion_worker.main, args=(str(folder),))
+        proc.start()
         try:
             write_inputs(folder, handle, tasks, info, params, seed, device)
             (folder / GO_MARKER).touch()
             seconds = wait_for_worker(proc, folder, budget, handle)
         finally:
-            if proc.poll() is None:
+            if proc.exitcode is None:
                 proc.kill()
-                proc.wait()
+            proc.join()
         if keep is not None:
             shutil.copytree(folder / "out", keep, dirs_exist_ok=True)
         return read_result(folder / "out", handle, tasks, seconds, progress)
@@ -177,10 +201,10 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def wait_for_worker(proc: subprocess.Popen, folder: Path, budget: float | None, handle) -> float:
+def wait_for_worker(proc, folder: Path, budget: float | None, handle) -> float:
     """Seconds from the method's call to the worker's exit; the worker is killed at the budget."""
     started_waiting, fusing_since = time.perf_counter(), None
-    while proc.poll() is None:
+    while proc.exitcode is None:
         now = time.perf_counter()
         if fusing_since is None and (folder / FUSING_MARKER).exists():
             fusing_since = now
