@@ -430,20 +430,42 @@ def validate(files, as_json):
 
 
 @main.command()
-@click.option("--base", required=True, help="git ref the change is compared with, e.g. origin/main")
+@click.option("--base", default=None, help="git ref the change is compared with, e.g. origin/main")
 @click.option("--tier", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="cpu: suites whose zoo builds offline (tiny-vision); gpu: every available suite")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=Path(".fbh/ci-report.md"),
               show_default=True, help="where to write the Markdown report")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
 @click.option("--quiet", is_flag=True, help="print only the report")
-def ci(base, tier, report_path, db, quiet):
-    """Validate and evaluate the methods and submissions changed since BASE; exit 1 if any failed."""
-    from harness.ci import render, run_ci
+@click.option("--fuse-only", "fuse_only", is_flag=True,
+              help="fuse what the change affects into --out (safetensors and a manifest); evaluate nothing")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="the folder --fuse-only writes")
+@click.option("--evaluate", "evaluate_dir", type=click.Path(path_type=Path), default=None,
+              help="evaluate the fused results a --fuse-only job wrote, with this checkout's harness")
+def ci(base, tier, report_path, db, quiet, fuse_only, out, evaluate_dir):
+    """Validate and evaluate the methods and submissions changed since BASE; exit 1 if any failed.
+
+    In the PR workflow the two halves run apart: `--fuse-only --out DIR` (the PR's code, no results
+    database) and `--evaluate DIR` (main's harness on those tensors)."""
+    from harness.ci import evaluate_fused, fuse_changed, render, run_ci
     from harness.paths import default_db
     from harness.store import Store
+    if evaluate_dir is None and base is None:
+        raise FbhError("--base is required", field="--base", fix="pass the git ref to compare with, e.g. origin/main")
+    if fuse_only:
+        if out is None:
+            raise FbhError("--fuse-only needs a folder to write", field="--out", fix="pass --out DIR")
+        entries = fuse_changed(base, out, progress=progress_printer(quiet))
+        failed = [e for e in entries if e.get("error")]
+        for e in failed:
+            click.echo(f"{e['path']}: {e['error']}", err=True)
+        click.echo(f"fused {len(entries) - len(failed)} run(s) into {out} ({len(failed)} failed)")
+        sys.exit(1 if failed else 0)
     path = db or default_db()
-    result = run_ci(base, tier=tier, db=path, progress=progress_printer(quiet))
+    if evaluate_dir is not None:
+        result = evaluate_fused(evaluate_dir, db=path, progress=progress_printer(quiet))
+    else:
+        result = run_ci(base, tier=tier, db=path, progress=progress_printer(quiet))
     text = render(result, Store(path))
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)

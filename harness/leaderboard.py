@@ -15,6 +15,7 @@ from harness.uncertainty import (Difference, average_replicates, interval, paire
                                  task_replicates)
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
+NOT_VERIFIED = "data access not verified"
 
 # Each entry's latest run that nothing superseded, failed or not (a changed submission whose new run
 # failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint.
@@ -45,9 +46,17 @@ class Entry:
     status: str = "ok"
     error: str | None = None
     fingerprint: str | None = None
+    # False: the fused result came back as code nobody approved, so what data it read is unproven
+    data_access_verified: bool | None = None
     extra: dict = field(default_factory=dict)
     average_ci: tuple[float, float] | None = None   # 95% bootstrap interval of the average (harness.uncertainty)
     rank: str | None = None                         # submissions: 95% range of ranks, '1' or '2-4'
+
+    @property
+    def data_access_shown(self) -> str | None:
+        if self.data_access_verified is False:
+            return f"{self.data_access or '?'} ({NOT_VERIFIED})"
+        return self.data_access
 
 
 def _mean(values):
@@ -215,6 +224,7 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
                              n_parameters=r["n_parameters"], fusion_seconds=r["fusion_seconds"],
                              peak_memory_bytes=r["peak_memory_bytes"], source=r["source"], status=r["status"],
                              error=r["error"], fingerprint=r["fingerprint"],
+                             data_access_verified=r["data_access_verified"],
                              extra={"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}))
     kind_rank = {"reference": 0, "published": 1, "submission": 2}
     def rank(e: Entry) -> float:
@@ -253,7 +263,7 @@ def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None 
     split_means = [k for k in ("seen", "unseen") if any(k in e.extra for e in entries)]
     header = ["rank", "kind", "label", "method", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "95% CI",
               *[f"{k} avg" for k in split_means], "normalized", "data", "fusion s"]
-    rows = [[e.rank or "", e.kind, e.label if e.status == "ok" else f"{e.label} (FAILED)", e.method or "",
+    rows = [[e.rank or "", e.kind, _shown_label(e), e.method or "",
              *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
              _fmt(e.average), _fmt_ci(e.average_ci), *[_fmt(e.extra.get(k)) for k in split_means],
@@ -282,6 +292,12 @@ def _rounded(value):
 
 def _fmt_ci(ci: tuple[float, float] | None) -> str:
     return "" if ci is None else f"{ci[0]:.1f}-{ci[1]:.1f}"
+
+
+def _shown_label(e: Entry) -> str:
+    if e.status != "ok":
+        return f"{e.label} (FAILED)"
+    return f"{e.label} ({NOT_VERIFIED})" if e.data_access_verified is False else e.label
 
 
 def extra_columns(entries: list[Entry]) -> list[tuple[str, str]]:

@@ -277,7 +277,7 @@ def leaderboard_table(s: SuitePages) -> Table:
                 *[score(e.scores.get(t)) for t in s.tasks],
                 *[score(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
                 score(e.average), score(e.normalized),
-                text(e.data_access), text(e.output_kind), seconds(e.fusion_seconds),
+                text(e.data_access_shown), text(e.output_kind), seconds(e.fusion_seconds),
                 mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
 
     return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))

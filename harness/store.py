@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS runs (
     fingerprint VARCHAR,              -- the suite fingerprint the run was computed on
     inputs JSON,                      -- reference -> content identity (zoo digest, hub commit, file digest)
     job JSON,                         -- the planned job, so `fbh reproduce` can run it again
-    superseded BOOLEAN DEFAULT false  -- a later run of the same entry replaced it on the leaderboard
+    superseded BOOLEAN DEFAULT false, -- a later run of the same entry replaced it on the leaderboard
+    data_access_verified BOOLEAN      -- false: the fused result came back as code, so the data it read is unproven
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id VARCHAR NOT NULL,
@@ -100,7 +101,7 @@ RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "set
                "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
                "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "job",
-               "superseded"]
+               "superseded", "data_access_verified"]
 RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high",
                   "replicates"]
 # What a reader of result rows wants, without the replicates' thousand floats a row.
@@ -114,7 +115,8 @@ MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN inputs JSON",
                   "ALTER TABLE runs ADD COLUMN job JSON",
                   "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"],
-              3: ["ALTER TABLE results ADD COLUMN replicates FLOAT[]"]}
+              3: ["ALTER TABLE runs ADD COLUMN data_access_verified BOOLEAN",
+                  "ALTER TABLE results ADD COLUMN replicates FLOAT[]"]}
 
 
 def now() -> datetime:
@@ -153,6 +155,7 @@ class Run:
     inputs: dict | None = None
     job: dict | None = None
     superseded: bool = False
+    data_access_verified: bool | None = None  # None: no method ran (references, published rows)
     run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")
 
     def values(self) -> list[Any]:

@@ -141,6 +141,8 @@ def metric_of_sums(metric: str, sums: Tensor) -> float:
 # ----------------------------------------------------------------------------- family
 
 class ResnetNyuv2Family(FamilyBase):
+    HEAD_STATE = ("_heads",)
+
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, nn.Module] = {}
