@@ -220,6 +220,27 @@ def compare(a, b, suite, setting, condition, fingerprint, as_json, db):
                    f"{ci:>15s} {p:>8s}")
 
 
+@main.command("export")
+@click.argument("submission")
+@click.option("--suite", default=None, help="suite name [default: the database's only suite]")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="a new or empty folder")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
+              help="also upload the folder to this HuggingFace repo (needs a token and the network)")
+@click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
+def export_command(submission, suite, out, device, push_to_hub, db):
+    """Save SUBMISSION's fused model (its stored run's method, hyperparameters and seed, fused again on the same
+    inputs) with save_pretrained (safetensors) and a README.md model card: method, hyperparameters,
+    fingerprint, inputs and scores."""
+    from harness.export import export
+    from harness.leaderboard import resolve_suite
+    from harness.provenance import pick_device
+    store = _open_results(db)
+    done = export(store, submission, resolve_suite(store, suite), out, device=str(pick_device(device)),
+                  progress=progress_printer(), push_to_hub=push_to_hub)
+    click.echo(f"{done.out}: {', '.join(done.files)} (from run {done.run_id})")
+
+
 @main.command()
 @click.argument("target", required=False)
 @click.option("--suite", default=None, help="only runs of this suite")

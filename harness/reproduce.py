@@ -78,9 +78,9 @@ def stored_job(run: dict) -> Job:
     return Job(**{**data, "seen": tuple(data["seen"]), "unseen": tuple(data["unseen"])})
 
 
-def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> Reproduction:
-    """Run one stored run's job again here and compare every result row; stores nothing."""
-    from harness.runner import execute_job, suite_inputs
+def require_same_inputs(run: dict, progress=print) -> Job:
+    """The run's job, once this machine is shown to hold the inputs it was computed on (its fingerprint)."""
+    from harness.runner import suite_inputs
     job = stored_job(run)
     spec, file = find_suite(job.suite)
     _, on = suite_inputs(spec, file, progress)
@@ -89,7 +89,14 @@ def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> R
         changed = sorted(k for k in {**recorded, **on.inputs} if recorded.get(k) != on.inputs.get(k)) or ["suite spec"]
         raise FbhError(f"run {run['run_id']} was computed on fingerprint {run['fingerprint']}, this machine has "
                        f"{on.fingerprint} (differs in: {', '.join(changed)})", file=str(file),
-                       fix="reproduce where those inputs are (for a zoo: `fbh zoo import` the zoo it was computed on)")
+                       fix="work where those inputs are (for a zoo: `fbh zoo import` the zoo it was computed on)")
+    return job
+
+
+def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> Reproduction:
+    """Run one stored run's job again here and compare every result row; stores nothing."""
+    from harness.runner import execute_job
+    job = require_same_inputs(run, progress)
     result = execute_job(job, device, progress, reuse_outputs=False)
     out = Reproduction(run)
     if result.run.status != "ok":
