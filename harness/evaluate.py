@@ -16,6 +16,7 @@ from harness.api import Ensemble
 from harness.families import Family
 from harness.metrics import metric as metric_info
 from harness.predictor import Predictor, combine
+from harness.progress import Progress, Steps
 from harness.digests import load_verified, save_verified, tensors_digest
 from harness.tensors import StateDict
 
@@ -197,18 +198,20 @@ def bootstrap_statistic(value_of, n: int, seed: int, samples: int = BOOTSTRAP_SA
 
 
 def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",
-             corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None) -> list[ResultRow]:
+             corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None,
+             progress: Progress | None = None) -> list[ResultRow]:
     """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects.
     outputs_cache: a folder for stored checkpoints' logits, scoped by the caller to what else
-    decides them (suite, code, device)."""
-    rows = []
+    decides them (suite, code, device). progress: told of each (task, condition) as it starts."""
     tasks = list(tasks)
+    steps = [(task, task_split, None) for task, task_split in tasks]
+    steps += [(task, task_split, c) for c in corruptions for task, task_split in tasks
+              if c.tasks is None or task in c.tasks]
     common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache)
-    for task, task_split in tasks:
-        rows += score_task(predictor, family, task, task_split=task_split, **common)
-    for c in corruptions:
-        for task, task_split in tasks:
-            if c.tasks is None or task in c.tasks:
-                rows += score_task(predictor, family, task, task_split=task_split, condition=c.name,
-                                   severity=c.severity, **common)
+    rows = []
+    with Steps(len(steps), f"evaluating on {split}", progress) as counter:
+        for task, task_split, c in steps:
+            counter.next(f"{task}/{'clean' if c is None else f'{c.name}@{c.severity}'}")
+            where = {} if c is None else {"condition": c.name, "severity": c.severity}
+            rows += score_task(predictor, family, task, task_split=task_split, **where, **common)
     return rows

@@ -183,13 +183,13 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
+                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress)
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
+                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None, job))
@@ -205,7 +205,7 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     on validation by the driver) and evaluate on test, corruptions included in 'all'."""
     sub = SubmissionSpec.model_validate(job.submission)
     params = job.params if job.params is not None else grid_points(sub)[0]
-    run, result = _fuse_and_score(job, handle, device, progress, params, submission_scorer(job, handle))
+    run, result = _fuse_and_score(job, handle, device, progress, params, submission_scorer(job, handle, progress))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -215,13 +215,14 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     return result
 
 
-def submission_scorer(job: Job, handle: SuiteHandle) -> Callable:
+def submission_scorer(job: Job, handle: SuiteHandle, progress: Progress | None = None) -> Callable:
     """predictor -> result rows of a submission's run: its setting's tasks on test, corruptions in 'all'."""
     from harness.evaluate import evaluate
     tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
     corruptions = handle.spec.corruptions if job.setting == "all" else ()
     return lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
-                                      batch_size=handle.spec.eval_batch_size, outputs_cache=handle.outputs)
+                                      batch_size=handle.spec.eval_batch_size, outputs_cache=handle.outputs,
+                                      progress=progress)
 
 
 def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
@@ -232,7 +233,7 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
                                                            batch_size=handle.spec.eval_batch_size,
-                                                           outputs_cache=handle.outputs))
+                                                           outputs_cache=handle.outputs, progress=progress))
     return result
 
 
@@ -326,7 +327,8 @@ def store_published(store: Store, spec: SuiteSpec, file: Path) -> None:
 
 
 def local_executor(jobs: list[Job], device: str, progress: Progress) -> Iterable[JobResult]:
-    for job in jobs:
+    for i, job in enumerate(jobs, 1):
+        progress(f"[{i}/{len(jobs)}] {job.suite}/{job.setting}: {job.label}")
         yield execute_job(job, device, progress)
 
 
