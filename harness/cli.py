@@ -63,6 +63,9 @@ def main():
 @click.option("--force", is_flag=True, help="recompute runs even if an identical run is stored")
 @click.option("--quiet", is_flag=True, help="print only the summary")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON (progress still goes to stderr)")
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="a smoke run: score the first N examples of each task only (stored as such; ranked only "
+                   "with smoke runs of the same N, see `fbh leaderboard --limit N`)")
 @click.option("--executor", type=click.Choice(["local", "ray", "slurm", "submitit-local"]), default="local",
               show_default=True, help="where jobs run; results always come back to this process's database")
 @click.option("--address", default=None, help="Ray cluster address HOST:PORT (--executor ray)")
@@ -75,7 +78,7 @@ def main():
 @click.option("--cpus-per-task", type=click.IntRange(1), default=None, help="CPUs per Slurm / submitit task")
 @click.option("--timeout-min", type=click.IntRange(1), default=60, show_default=True,
               help="wall-time limit of a Slurm / submitit task, minutes")
-def submit(submission_files, suites, db, device, force, quiet, as_json, executor, address, jobs_per_task,
+def submit(submission_files, suites, db, device, force, quiet, as_json, limit, executor, address, jobs_per_task,
            submitit_folder, slurm_partition, gpus_per_task, cpus_per_task, timeout_min):
     """Fuse and evaluate each SUBMISSION (submissions/*.yaml files; shell globs work) and store the runs.
     Every file is validated before any is run; a failed run fails its own row, not the others."""
@@ -92,7 +95,7 @@ def submit(submission_files, suites, db, device, force, quiet, as_json, executor
     for path in submission_files:  # a typo in the last file is found before the first one runs
         validate_file(path)
     reports = [run_submit(path, suites=list(suites) or None, db=db, device=device, progress=progress_printer(quiet),
-                          force=force, executor=run_on) for path in submission_files]
+                          force=force, executor=run_on, limit=limit) for path in submission_files]
     outcomes = [o for r in reports for o in r.outcomes]
     if as_json:
         click.echo(json.dumps({"outcomes": [{"submission": r.submission, **_outcome_json(o)}
@@ -148,8 +151,10 @@ def _format(fmt: str, as_json: bool) -> str:
               help="'clean', a corruption name, or name@severity (jpeg@5) for one listed at several severities")
 @click.option("--fingerprint", default=None, help="rank the runs on this fingerprint [default: what the suite's "
               "latest submit computed on]")
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="show the smoke runs of `fbh submit --limit N` (never ranked with full runs)")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
-def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, db):
+def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, limit, db):
     """Print the leaderboard of one suite: references, then submissions by mean score, each average with
     its 95% bootstrap interval and each submission with its 95% range of ranks ('2-4': not separable
     from those ranks). Only runs computed on one fingerprint (the same models and data, byte for byte)
@@ -159,7 +164,7 @@ def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, db):
     store = _open_results(db)
     suite = resolve_suite(store, suite)
     fingerprint = fingerprint or suite_fingerprint(store, suite)
-    tasks, entries = view(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
+    tasks, entries = view(store, suite, setting=setting, condition=condition, fingerprint=fingerprint, limit=limit)
     others = other_fingerprints(store, suite, fingerprint)
     if not entries:
         raise FbhError(f"no results for suite '{suite}' (setting {setting}, condition {condition}, fingerprint "
@@ -168,11 +173,11 @@ def leaderboard(suite, fmt, as_json, setting, condition, fingerprint, db):
                            + (f"; runs exist on fingerprints {', '.join(str(o['fingerprint']) for o in others)}"
                               if others else ""))
     about = {"suite": suite, "setting": setting, "condition": condition, "fingerprint": fingerprint,
-             "metrics": _metrics(store, suite, tasks), "other_fingerprints": others}
+             "example_limit": limit, "metrics": _metrics(store, suite, tasks), "other_fingerprints": others}
     click.echo(render(tasks, entries, fmt, about))
     if fmt == "table":
         click.echo(f"\nranked on fingerprint {fingerprint}; rank = 95% range of ranks over bootstrap resamples "
-                   "of the test examples")
+                   "of the test examples" + (f"; SMOKE RUNS on the first {limit} examples per task" if limit else ""))
         for o in others:
             where = o["fingerprint"] or "unknown (stored before runs recorded their inputs)"
             click.echo(f"  not ranked: {o['runs']} run(s) on fingerprint {where}"
@@ -194,8 +199,10 @@ def _metrics(store, suite: str, tasks: list[str]) -> dict[str, str]:
 @click.option("--condition", default="clean", show_default=True, help="'clean' or a corruption label")
 @click.option("--fingerprint", default=None, help="[default: what the suite's latest submit computed on]")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--limit", type=click.IntRange(1), default=None, metavar="N",
+              help="show the smoke runs of `fbh submit --limit N` (never ranked with full runs)")
 @click.option("--db", type=click.Path(path_type=Path), default=None, help=DB_HELP)
-def compare(a, b, suite, setting, condition, fingerprint, as_json, db):
+def compare(a, b, suite, setting, condition, fingerprint, as_json, limit, db):
     """A minus B (two entries of one leaderboard) on every task and on the average, with a paired
     bootstrap over the same test examples: the 95% interval of the difference and its two-sided p-value."""
     import json
@@ -204,7 +211,8 @@ def compare(a, b, suite, setting, condition, fingerprint, as_json, db):
     store = _open_results(db)
     suite = resolve_suite(store, suite)
     fingerprint = fingerprint or suite_fingerprint(store, suite)
-    ea, eb, rows = compare_entries(store, suite, a, b, setting=setting, condition=condition, fingerprint=fingerprint)
+    ea, eb, rows = compare_entries(store, suite, a, b, setting=setting, condition=condition, fingerprint=fingerprint,
+                                   limit=limit)
     if as_json:
         click.echo(json.dumps({"suite": suite, "setting": setting, "condition": condition, "fingerprint": fingerprint,
                                "a": a, "b": b, "rows": [asdict(r) for r in rows]}, indent=2))

@@ -144,10 +144,12 @@ def split_name(family: Family, task: str, role: str) -> str:
 
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
                condition: str = "clean", severity: int | None = None, batch_size: int = 256,
-               outputs_cache: Path | None = None) -> list[ResultRow]:
+               outputs_cache: Path | None = None, limit: int | None = None) -> list[ResultRow]:
     """One row per metric of the task: its primary metric first, then its extra_metrics."""
     inputs, targets = family.eval_data(task, split_name(family, task, split),
                                        None if condition == "clean" else condition, severity)
+    if limit is not None:
+        inputs, targets = inputs[:limit], targets[:limit]
     where_stored = None
     if outputs_cache is not None and any(k is not None for k in predictor.member_keys or []):
         data = tensors_digest({"inputs": inputs, "targets": targets})[7:27]  # what the outputs were computed on
@@ -199,15 +201,16 @@ def bootstrap_statistic(value_of, n: int, seed: int, samples: int = BOOTSTRAP_SA
 
 def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",
              corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None,
-             progress: Progress | None = None) -> list[ResultRow]:
+             progress: Progress | None = None, limit: int | None = None) -> list[ResultRow]:
     """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects.
     outputs_cache: a folder for stored checkpoints' logits, scoped by the caller to what else
-    decides them (suite, code, device). progress: told of each (task, condition) as it starts."""
+    decides them (suite, code, device). progress: told of each (task, condition) as it starts.
+    limit: score the first `limit` examples of each task only (a smoke run)."""
     tasks = list(tasks)
     steps = [(task, task_split, None) for task, task_split in tasks]
     steps += [(task, task_split, c) for c in corruptions for task, task_split in tasks
               if c.tasks is None or task in c.tasks]
-    common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache)
+    common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache, limit=limit)
     rows = []
     with Steps(len(steps), f"evaluating on {split}", progress) as counter:
         for task, task_split, c in steps:

@@ -29,7 +29,8 @@ class Exported:
 def stored_run(store: Store, submission: str, suite: str) -> dict:
     """The submission's latest completed leaderboard run of setting 'all' on the suite's ranked fingerprint."""
     runs = store.query("SELECT * FROM runs WHERE kind = 'submission' AND submission = ? AND suite = ? AND setting = 'all' "
-                       "AND status = 'ok' AND NOT coalesce(superseded, false) AND fingerprint IS NOT DISTINCT FROM "
+                       "AND status = 'ok' AND NOT coalesce(superseded, false) AND example_limit IS NULL "
+                       "AND fingerprint IS NOT DISTINCT FROM "
                        "(SELECT fingerprint FROM suites WHERE name = ?) ORDER BY finished_at DESC LIMIT 1",
                        [submission, suite, suite])
     if not runs:

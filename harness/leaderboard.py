@@ -18,12 +18,13 @@ REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
 NOT_VERIFIED = "data access not verified"
 
 # Each entry's latest run that nothing superseded, failed or not (a changed submission whose new run
-# failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint.
+# failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint. Smoke
+# runs (an example limit) are ranked only among smoke runs of the same limit, full runs among full runs.
 LATEST_RUNS = """
 SELECT * FROM (
   SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting ORDER BY finished_at DESC) AS rn
   FROM runs WHERE suite = ? AND setting = ? AND kind != 'grid_point' AND NOT coalesce(superseded, false)
-    AND (kind = 'published' OR fingerprint IS NOT DISTINCT FROM ?)
+    AND (kind = 'published' OR fingerprint IS NOT DISTINCT FROM ?) AND example_limit IS NOT DISTINCT FROM ?
 ) WHERE rn = 1
 """
 
@@ -76,7 +77,8 @@ def other_fingerprints(store: Store, suite: str, fingerprint: str | None) -> lis
     or recorded before fingerprints were): shown apart, never ranked."""
     return store.query("SELECT fingerprint, count(*) AS runs, max(finished_at) AS latest FROM runs "
                        "WHERE suite = ? AND kind IN ('submission', 'reference') AND status = 'ok' "
-                       "AND fingerprint IS DISTINCT FROM ? GROUP BY fingerprint ORDER BY latest DESC",
+                       "AND fingerprint IS DISTINCT FROM ? AND example_limit IS NULL GROUP BY fingerprint "
+                       "ORDER BY latest DESC",
                        [suite, fingerprint])
 
 
@@ -157,8 +159,8 @@ def resolve_suite(store: Store, suite: str | None) -> str:
     return suite
 
 
-def view(store: Store, suite: str, setting: str = "all", condition: str = "clean", fingerprint: str | None = None
-         ) -> tuple[list[str], list[Entry]]:
+def view(store: Store, suite: str, setting: str = "all", condition: str = "clean", fingerprint: str | None = None,
+         limit: int | None = None) -> tuple[list[str], list[Entry]]:
     """What `fbh leaderboard` shows: the table of one setting and condition, checked against the stored
     suite (an unknown setting or condition is an error naming the valid ones); a generalization setting's
     entries carry their seen and unseen averages apart (extra['seen'], extra['unseen'])."""
@@ -166,7 +168,7 @@ def view(store: Store, suite: str, setting: str = "all", condition: str = "clean
     if setting not in settings:
         raise FbhError(f"suite '{suite}' has no setting '{setting}'", field="--setting",
                        fix=f"use one of: {', '.join(settings)}")
-    tasks, entries = table(store, suite, setting=setting, condition=condition, fingerprint=fingerprint)
+    tasks, entries = table(store, suite, setting=setting, condition=condition, fingerprint=fingerprint, limit=limit)
     split = settings[setting]
     if split:
         split_means(entries, split["seen"], split["unseen"])
@@ -183,7 +185,8 @@ def relative_to_stl(metric: str, value: float | None, stl: float | None) -> floa
 
 
 def table(store: Store, suite: str, *, setting: str = "all", condition: str = "clean",
-          task_split: str | None = None, fingerprint: str | None = None) -> tuple[list[str], list[Entry]]:
+          task_split: str | None = None, fingerprint: str | None = None,
+          limit: int | None = None) -> tuple[list[str], list[Entry]]:
     """(task columns, entries). A task's column holds its primary metric; extra metrics (pixel accuracy,
     ...) go to entry.extra['metrics'][task][metric]. Normalized score = mean over tasks of the score as
     % of the STL score (FusionBench), inverted for errors. The plain average is given only when every
@@ -192,9 +195,11 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
     primary = task_metrics(store, suite)
     condition, severity = resolve_condition(store, suite, condition)
     fingerprint = fingerprint or suite_fingerprint(store, suite)
-    runs = store.query(LATEST_RUNS, [suite, setting, fingerprint])
+    runs = store.query(LATEST_RUNS, [suite, setting, fingerprint, limit])
+    if limit is not None:  # the paper's rows are on full test sets
+        runs = [r for r in runs if r["kind"] != "published"]
     if setting != "all":  # references do not depend on the split; take them from 'all'
-        runs += [r for r in store.query(LATEST_RUNS, [suite, "all", fingerprint]) if r["kind"] == "reference"]
+        runs += [r for r in store.query(LATEST_RUNS, [suite, "all", fingerprint, limit]) if r["kind"] == "reference"]
     results = store.query(
         "SELECT run_id, task, task_split, metric, value FROM results WHERE condition = ? "
         "AND (?::INTEGER IS NULL OR severity = ?) AND run_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -352,11 +357,11 @@ def split_means(entries: list[Entry], seen: list[str], unseen: list[str]) -> Non
 
 
 def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", condition: str = "clean",
-            fingerprint: str | None = None) -> tuple[Entry, Entry, list[Difference]]:
+            fingerprint: str | None = None, limit: int | None = None) -> tuple[Entry, Entry, list[Difference]]:
     """Entry a minus entry b (labels of one leaderboard: submissions or references) on every task both
     have and on their average over those tasks, each with a paired-bootstrap 95% interval and p-value
     (the same resampled test examples for both; harness.uncertainty)."""
-    tasks, entries = view(store, suite, setting, condition, fingerprint)
+    tasks, entries = view(store, suite, setting, condition, fingerprint, limit)
     by_label = {e.label: e for e in entries if e.status == "ok" and e.kind != "published"}
     for label, flag in ((a, "A"), (b, "B")):
         if label not in by_label:

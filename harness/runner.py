@@ -156,7 +156,8 @@ def _provenance(device, seed: int | None, job: Job) -> dict:
 
 
 def identity_fields(job: Job) -> dict:
-    return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict()}
+    return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict(),
+            "example_limit": job.limit}
 
 
 def execute_job(job: Job, device: str = "cpu", progress: Progress = print, reuse_outputs: bool = True) -> JobResult:
@@ -183,13 +184,15 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress)
+                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress,
+                             limit=job.limit)
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress)
+                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress,
+                        limit=job.limit)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None, job))
@@ -222,7 +225,7 @@ def submission_scorer(job: Job, handle: SuiteHandle, progress: Progress | None =
     corruptions = handle.spec.corruptions if job.setting == "all" else ()
     return lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
                                       batch_size=handle.spec.eval_batch_size, outputs_cache=handle.outputs,
-                                      progress=progress)
+                                      progress=progress, limit=job.limit)
 
 
 def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
@@ -233,7 +236,8 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
                                                            batch_size=handle.spec.eval_batch_size,
-                                                           outputs_cache=handle.outputs, progress=progress))
+                                                           outputs_cache=handle.outputs, progress=progress,
+                                                           limit=job.limit))
     return result
 
 
@@ -435,7 +439,7 @@ def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, 
 
 def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: Path | str | None = None,
            device: str = "auto", progress: Progress = print, force: bool = False,
-           executor=local_executor) -> SubmitReport:
+           executor=local_executor, limit: int | None = None) -> SubmitReport:
     from harness.paths import default_db
     path = Path(submission_path)
     sub = load_submission(path)
@@ -458,8 +462,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
     check_name_owned(sub.name, path, store.submission_source(sub.name))
-    done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))
-    todo = plan(sub, suites_, done, force=force, file=str(path))
+    done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path), limit=limit)))
+    todo = plan(sub, suites_, done, force=force, file=str(path), limit=limit)
     if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
     store.upsert_submission(sub.model_dump(mode="json"), content_hash(sub.model_dump(mode="json")),

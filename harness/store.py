@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS runs (
     inputs JSON,                      -- reference -> content identity (zoo digest, hub commit, file digest)
     job JSON,                         -- the planned job, so `fbh reproduce` can run it again
     superseded BOOLEAN DEFAULT false, -- a later run of the same entry replaced it on the leaderboard
-    data_access_verified BOOLEAN      -- false: the fused result came back as code, so the data it read is unproven
+    data_access_verified BOOLEAN,     -- false: the fused result came back as code, so the data it read is unproven
+    example_limit INTEGER             -- a smoke run (fbh submit --limit): scored on this many examples per task
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id VARCHAR NOT NULL,
@@ -101,7 +102,7 @@ RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "set
                "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
                "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "job",
-               "superseded", "data_access_verified"]
+               "superseded", "data_access_verified", "example_limit"]
 RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high",
                   "replicates"]
 # What a reader of result rows wants, without the replicates' thousand floats a row.
@@ -116,6 +117,7 @@ MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN job JSON",
                   "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"],
               3: ["ALTER TABLE runs ADD COLUMN data_access_verified BOOLEAN",
+                  "ALTER TABLE runs ADD COLUMN example_limit INTEGER",
                   "ALTER TABLE results ADD COLUMN replicates FLOAT[]"]}
 
 
@@ -156,6 +158,7 @@ class Run:
     job: dict | None = None
     superseded: bool = False
     data_access_verified: bool | None = None  # None: no method ran (references, published rows)
+    example_limit: int | None = None
     run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")
 
     def values(self) -> list[Any]:
@@ -313,7 +316,7 @@ class Store:
     def write_run(self, run: Run, rows: list[dict[str, Any]], replace_key: bool = True) -> None:
         """Insert a run and its results atomically. An earlier run with the same key is replaced, except
         that a failed run never deletes a completed one: it is kept, marked superseded. A submission's or
-        reference's run supersedes the earlier runs of the same entry (suite, setting, fingerprint) under
+        reference's run supersedes the earlier runs of the same entry (suite, setting, fingerprint, example limit) under
         other keys, e.g. of the submission before it changed: they stay stored, off the leaderboard."""
         with self.transaction() as con:
             if replace_key:
@@ -326,8 +329,9 @@ class Store:
                 con.execute("UPDATE runs SET superseded = true WHERE run_key = ?", [run.run_key])
             if run.kind in ("submission", "reference"):
                 con.execute("UPDATE runs SET superseded = true WHERE kind = ? AND label = ? AND suite = ? "
-                            "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ?",
-                            [run.kind, run.label, run.suite, run.setting, run.fingerprint])
+                            "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ? "
+                            "AND example_limit IS NOT DISTINCT FROM ?",
+                            [run.kind, run.label, run.suite, run.setting, run.fingerprint, run.example_limit])
             con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                         run.values())
             if rows:
