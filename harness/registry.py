@@ -131,9 +131,19 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
     return wrap
 
 
+def use_project_methods() -> None:
+    """Import `methods` from the project fbh works on (harness.paths.project_root), not only from the checkout
+    fbh is installed from; once imported, the package stays what it is for the process."""
+    from harness.paths import project_root
+    root = str(project_root())
+    if "methods" not in sys.modules and root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def discover() -> dict[str, MethodInfo]:
     global _discovered
     if not _discovered:
+        use_project_methods()
         import methods
         for info in pkgutil.iter_modules(methods.__path__):
             if not info.name.startswith("_"):
@@ -187,6 +197,7 @@ def _index_file() -> Path:
 def _discovery_inputs() -> str:
     """Digest of what discover() registers from: the files of the methods package, this module's code
     and the interpreter (its environment decides which optional imports succeed)."""
+    use_project_methods()
     import methods
     files = [Path(__file__), *sorted(p for d in methods.__path__ for p in Path(d).rglob("*.py"))]
     h = hashlib.sha256(f"{sys.prefix}\0{sys.version}".encode())
