@@ -12,17 +12,18 @@ from harness.errors import FbhError
 from harness.metrics import DEFAULT_METRIC, higher_is_better
 from harness.store import Store
 from harness.uncertainty import (Difference, average_replicates, interval, paired_difference, rank_label, rank_ranges,
-                                 task_replicates)
+                                 seed_mean, task_replicates)
 
 REFERENCE_ORDER = {"pretrained": 0, "STL": 1, "MTL": 2}
 NOT_VERIFIED = "data access not verified"
 
 # Each entry's latest run that nothing superseded, failed or not (a changed submission whose new run
 # failed shows that, not its old scores), on one fingerprint; published rows are on every fingerprint. Smoke
-# runs (an example limit) are ranked only among smoke runs of the same limit, full runs among full runs.
+# runs (an example limit) are ranked only among smoke runs of the same limit, full runs among full runs. A
+# submission run with several seeds has a latest run per seed; table() makes them one entry.
 LATEST_RUNS = """
 SELECT * FROM (
-  SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting ORDER BY finished_at DESC) AS rn
+  SELECT *, row_number() OVER (PARTITION BY kind, label, suite, setting, seed ORDER BY finished_at DESC) AS rn
   FROM runs WHERE suite = ? AND setting = ? AND kind != 'grid_point' AND NOT coalesce(superseded, false)
     AND (kind = 'published' OR fingerprint IS NOT DISTINCT FROM ?) AND example_limit IS NOT DISTINCT FROM ?
 ) WHERE rn = 1
@@ -216,8 +217,9 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
     directions = {higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in tasks}
     ascending = directions == {False}  # a suite of errors only ranks its lowest average first
     entries = []
-    for r in runs:
-        scores = by_run.get(r["run_id"], {})
+    for group in seed_groups(runs):
+        r = group[0]
+        scores = _mean_by_key([by_run.get(g["run_id"], {}) for g in group])
         if not scores and r["status"] == "ok":
             continue
         cols = [t for t in tasks if t in scores]
@@ -230,7 +232,8 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
                              peak_memory_bytes=r["peak_memory_bytes"], source=r["source"], status=r["status"],
                              error=r["error"], fingerprint=r["fingerprint"],
                              data_access_verified=r["data_access_verified"],
-                             extra={"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}))
+                             extra={**({"metrics": extras[r["run_id"]]} if r["run_id"] in extras else {}),
+                                    **seed_summary(group, by_run, tasks)}))
     kind_rank = {"reference": 0, "published": 1, "submission": 2}
     def rank(e: Entry) -> float:
         if len(directions) > 1:  # mixed scores and errors: rank by the normalized score
@@ -243,13 +246,43 @@ def table(store: Store, suite: str, *, setting: str = "all", condition: str = "c
     return tasks, entries
 
 
+def seed_groups(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped into entries: one per (kind, label), a submission's seeds together (its latest run of
+    each), the group's failed run first so a failure shows rather than the other seeds' mean."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["kind"], r["label"]), []).append(r)
+    return [sorted(g, key=lambda r: (r["status"] == "ok", r["seed"] or 0)) for g in groups.values()]
+
+
+def _mean_by_key(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Key -> mean over the dicts that have it all (a task some seed lacks is left out)."""
+    keys = [k for k in dicts[0] if all(k in d for d in dicts)] if dicts else []
+    return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+
+
+def seed_summary(group: list[dict], by_run: dict[str, dict[str, float]], tasks: list[str]) -> dict:
+    """For several seeds: which, their runs, and the sample standard deviation of their averages."""
+    if len(group) < 2:
+        return {}
+    averages = [_mean([by_run.get(r["run_id"], {}).get(t) for t in tasks]) for r in group]
+    known = [a for a in averages if a is not None]
+    mean = sum(known) / len(known) if known else None
+    std = (sum((a - mean) ** 2 for a in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else None
+    return {"seeds": [r["seed"] for r in group], "seed_runs": [r["run_id"] for r in group], "average_std": std}
+
+
 def add_uncertainty(store: Store, entries: list[Entry], condition: str, severity: int | None,
                     primary: dict[str, str], task_split: str | None, higher_better: bool) -> None:
     """Each average's 95% interval, and each submission's range of ranks among the submissions (entries
     whose range includes 1 are tied with the leader); see harness.uncertainty."""
     scored = [e for e in entries if e.status == "ok" and e.average is not None]
-    reps = task_replicates(store, [e.run_id for e in scored], condition, severity, primary, task_split)
-    averages = {e.run_id: average_replicates(reps.get(e.run_id, {}), list(e.scores)) for e in scored}
+    runs_of = {e.run_id: e.extra.get("seed_runs", [e.run_id]) for e in scored}
+    reps = task_replicates(store, [r for runs in runs_of.values() for r in runs], condition, severity, primary,
+                           task_split)
+    # An entry of several seeds: per task, the seeds' replicates averaged (each on the same resampled examples).
+    averages = {e.run_id: average_replicates(seed_mean([reps.get(r, {}) for r in runs_of[e.run_id]]), list(e.scores))
+                for e in scored}
     for e in scored:
         e.average_ci = interval(averages[e.run_id])
     ranked = [e for e in scored if e.kind == "submission"]
@@ -267,11 +300,12 @@ def render(tasks: list[str], entries: list[Entry], fmt: str, about: dict | None 
     extra = extra_columns(entries)
     split_means = [k for k in ("seen", "unseen") if any(k in e.extra for e in entries)]
     header = ["rank", "kind", "label", "method", *tasks, *[f"{t}:{m}" for t, m in extra], "average", "95% CI",
+              "seed std",
               *[f"{k} avg" for k in split_means], "normalized", "data", "fusion s"]
     rows = [[e.rank or "", e.kind, _shown_label(e), e.method or "",
              *[_fmt(e.scores.get(t)) for t in tasks],
              *[_fmt(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
-             _fmt(e.average), _fmt_ci(e.average_ci), *[_fmt(e.extra.get(k)) for k in split_means],
+             _fmt(e.average), _fmt_ci(e.average_ci), _seeds(e), *[_fmt(e.extra.get(k)) for k in split_means],
              _fmt(e.normalized), e.data_access or "", _fmt(e.fusion_seconds)] for e in entries]
     if fmt == "csv":
         buf = io.StringIO()
@@ -293,6 +327,11 @@ def _rounded(value):
     if isinstance(value, (list, tuple)):
         return [_rounded(v) for v in value]
     return value
+
+
+def _seeds(e: Entry) -> str:
+    std = e.extra.get("average_std")
+    return "" if "seeds" not in e.extra else f"{'' if std is None else f'{std:.1f}'} (n={len(e.extra['seeds'])})"
 
 
 def _fmt_ci(ci: tuple[float, float] | None) -> str:
@@ -370,8 +409,9 @@ def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", c
     ea, eb = by_label[a], by_label[b]
     primary = task_metrics(store, suite)
     name, severity = resolve_condition(store, suite, condition)
-    reps = task_replicates(store, [ea.run_id, eb.run_id], name, severity, primary)
-    ra, rb = reps.get(ea.run_id, {}), reps.get(eb.run_id, {})
+    runs_a, runs_b = (e.extra.get("seed_runs", [e.run_id]) for e in (ea, eb))
+    reps = task_replicates(store, [*runs_a, *runs_b], name, severity, primary)
+    ra, rb = (seed_mean([reps.get(r, {}) for r in runs]) for runs in (runs_a, runs_b))
     common = [t for t in tasks if t in ea.scores and t in eb.scores]
     rows = [paired_difference(t, ea.scores[t], eb.scores[t], ra.get(t), rb.get(t)) for t in common]
     if len({higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in common}) == 1 and common:

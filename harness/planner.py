@@ -212,17 +212,28 @@ def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, fil
 def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None = None,
                     limit: int | None = None) -> list[tuple[Setting, Job]]:
     """One job per setting: the submission's leaderboard run (for a grid, the selected point's)."""
-    base = _submission_base(sub, suite, on, file, limit)
-    return [(s, Job(key=content_hash({**base, "setting": s.key()}), kind="submission", suite=suite.name,
-                    setting=s.name, label=sub.name, seen=s.seen, unseen=s.unseen, fingerprint=on.fingerprint,
-                    inputs=on.inputs, submission=sub.model_dump(mode="json"), limit=limit))
-            for s in settings(suite)]
+    jobs = []
+    for seeded in seed_runs(sub):
+        base = _submission_base(seeded, suite, on, file, limit)
+        jobs += [(s, Job(key=content_hash({**base, "setting": s.key()}), kind="submission", suite=suite.name,
+                         setting=s.name, label=sub.name, seen=s.seen, unseen=s.unseen, fingerprint=on.fingerprint,
+                         inputs=on.inputs, submission=seeded.model_dump(mode="json"), limit=limit))
+                 for s in settings(suite)]
+    return jobs
+
+
+def seed_runs(sub: SubmissionSpec) -> list[SubmissionSpec]:
+    """The submission once per seed it runs with, each a one-seed spec (a one-seed submission is itself)."""
+    if not sub.seeds:
+        return [sub]
+    return [sub.model_copy(update={"seed": seed, "seeds": None}) for seed in sub.seeds]
 
 
 def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, setting: Setting, selected: Job,
                file: str | None = None) -> tuple[Job, ...]:
-    """The grid points of one setting. A point's key leaves out the rest of the grid, so
-    widening a grid reuses the points already stored."""
+    """The grid points of one setting (and seed: the selected job's). A point's key leaves out the rest of
+    the grid, so widening a grid reuses the points already stored."""
+    sub = SubmissionSpec.model_validate(selected.submission)
     base = {**_submission_base(sub, suite, on, file, selected.limit), "grid": {}, "setting": setting.key(),
             "grid_point": True}
     return tuple(Job(key=content_hash({**base, "params": point}), kind="grid_point", suite=suite.name,

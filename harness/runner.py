@@ -483,4 +483,6 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
             store.write_run(result.run, result.rows)
             report.outcomes.append(outcome(result))
         report.outcomes += run_jobs(store, selected, dev, progress, executor)
+    for spec, on in suites_:
+        store.supersede_other_seeds(sub.name, spec.name, on.fingerprint, limit, sub.run_seeds())
     return report

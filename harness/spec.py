@@ -196,6 +196,8 @@ class SubmissionSpec(Strict):
     grid: dict[str, GridValue] = Field(default_factory=dict,
                                        description="values to select on the validation split")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    seeds: list[int] | None = Field(None, min_length=1, max_length=10,
+                                    description="run once per seed; the leaderboard shows mean and std over them")
     suites: list[str] | None = None
 
     @field_validator("url")
@@ -205,8 +207,21 @@ class SubmissionSpec(Strict):
             raise ValueError("url must start with http:// or https://")
         return v
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or any(not 0 <= s <= 2**31 - 1 for s in v)):
+            raise ValueError("seeds must be distinct integers from 0 to 2**31 - 1")
+        return v
+
+    def run_seeds(self) -> list[int]:
+        """The seeds the submission runs with: `seeds`, else its one `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
     @model_validator(mode="after")
     def _grid_disjoint(self) -> "SubmissionSpec":
+        if self.seeds is not None and "seed" in self.model_fields_set:
+            raise ValueError("give seed or seeds, not both")
         both = sorted(set(self.params) & set(self.grid))
         if both:
             raise ValueError(f"{both} appear in both params and grid; give each hyperparameter once")

@@ -330,8 +330,9 @@ class Store:
             if run.kind in ("submission", "reference"):
                 con.execute("UPDATE runs SET superseded = true WHERE kind = ? AND label = ? AND suite = ? "
                             "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ? "
-                            "AND example_limit IS NOT DISTINCT FROM ?",
-                            [run.kind, run.label, run.suite, run.setting, run.fingerprint, run.example_limit])
+                            "AND example_limit IS NOT DISTINCT FROM ? AND seed IS NOT DISTINCT FROM ?",
+                            [run.kind, run.label, run.suite, run.setting, run.fingerprint, run.example_limit,
+                             run.seed])
             con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                         run.values())
             if rows:
@@ -339,6 +340,18 @@ class Store:
                     f"INSERT INTO results (run_id, {', '.join(RESULT_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
                     [[run.run_id] + [r.get(c) for c in RESULT_COLUMNS] for r in rows])
+
+    def supersede_other_seeds(self, submission: str, suite: str, fingerprint: str | None, limit: int | None,
+                              seeds: list[int]) -> None:
+        """A submission's runs of seeds it no longer lists leave the leaderboard (kept, marked superseded);
+        nothing is written when there are none, so a cached re-submit stays read-only."""
+        where = ("kind = 'submission' AND label = ? AND suite = ? AND fingerprint IS NOT DISTINCT FROM ? "
+                 "AND example_limit IS NOT DISTINCT FROM ? AND NOT coalesce(superseded, false) "
+                 "AND seed NOT IN (SELECT unnest(?::INTEGER[]))")
+        params = [submission, suite, fingerprint, limit, seeds]
+        if self.query(f"SELECT 1 FROM runs WHERE {where} LIMIT 1", params):
+            with self.transaction() as con:
+                con.execute(f"UPDATE runs SET superseded = true WHERE {where}", params)
 
     # -- reads -------------------------------------------------------------------
     def completed_run(self, run_key: str) -> dict[str, Any] | None:

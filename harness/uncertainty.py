@@ -42,6 +42,14 @@ def task_replicates(store: Store, run_ids: list[str], condition: str, severity: 
     return out
 
 
+def seed_mean(per_seed: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Task -> the mean of the seeds' replicates, for tasks every seed has (one seed: itself)."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    tasks = [t for t in per_seed[0] if all(t in s and len(s[t]) == len(per_seed[0][t]) for s in per_seed)]
+    return {t: np.mean(np.stack([s[t] for s in per_seed]), axis=0) for t in tasks}
+
+
 def average_replicates(by_task: dict[str, np.ndarray], tasks: list[str]) -> np.ndarray | None:
     """Replicates of the mean over `tasks`; None unless every task has replicates of one length."""
     if not tasks or any(t not in by_task for t in tasks) or len({len(by_task[t]) for t in tasks}) != 1:

@@ -118,3 +118,28 @@ def test_methods_show_and_list_answer_from_the_index_without_torch(tmp_path):
     assert shown.exit_code == 0 and "arXiv:2306.01708" in shown.output and "top_k: number (> 0.0, <= 1.0)" in shown.output
     unknown = fbh("methods", "show", "tie_merging")
     assert unknown.exit_code == 2 and "ties_merging" in unknown.output
+
+
+@pytest.mark.slow
+def test_seeds_are_one_entry_with_their_mean_and_spread(fbh_env, tmp_path, write_yaml):
+    db = str(tmp_path / "seeds.duckdb")
+    sub = write_yaml("dare.yaml", {"name": "dare-seeds", "method": "dare", "seeds": [0, 1, 2]})
+    assert fbh("submit", str(sub), "--db", db, "--quiet").exit_code == 0
+    store = Store(db)
+    runs = store.query("SELECT seed FROM runs WHERE label = 'dare-seeds' AND setting = 'all' AND NOT superseded")
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2]
+    data = json.loads(fbh("leaderboard", "--db", db, "--json").stdout)
+    (entry,) = [e for e in data["entries"] if e["label"] == "dare-seeds"]
+    assert entry["extra"]["seeds"] == [0, 1, 2] and entry["extra"]["average_std"] is not None
+    per_seed = [json.loads(r["v"]) for r in store.query(
+        "SELECT to_json(list(value ORDER BY task)) AS v FROM results JOIN runs USING (run_id) WHERE label = "
+        "'dare-seeds' AND setting = 'all' AND condition = 'clean' GROUP BY seed")]
+    assert entry["average"] == pytest.approx(np.mean([np.mean(v) for v in per_seed]), abs=1e-4)
+    # Listing one seed afterwards takes the other two off the leaderboard (kept, superseded).
+    one = write_yaml("dare.yaml", {"name": "dare-seeds", "method": "dare", "seed": 1})
+    assert fbh("submit", str(one), "--db", db, "--quiet").exit_code == 0
+    data = json.loads(fbh("leaderboard", "--db", db, "--json").stdout)
+    (entry,) = [e for e in data["entries"] if e["label"] == "dare-seeds"]
+    assert "seeds" not in entry["extra"]
+    assert fbh("validate", str(write_yaml("both.yaml", {"name": "b", "method": "dare", "seed": 3,
+                                                        "seeds": [1, 2]}))).exit_code == 2
