@@ -11,10 +11,12 @@ process on a copy of that DB, so the imports are counted as a real `fbh submit` 
 them. Stages (seconds, summed over the submission's runs):
 
 - imports: the harness and the libraries it imports before working
-- load: opening the suite (family, template model) and the base/expert state dicts
-  (streaming, so their bytes are read during fuse)
+- load: opening the suite (family, template model)
 - validate: the method registry and the params check
-- fuse: the method itself, reading the checkpoints
+- inputs: what the fusion process is handed (harness.isolation.write_inputs): the base,
+  the experts, the declared examples and the family's kit, written to its folder
+- fuse: the rest of the fusion process: starting it (overlapping the inputs), the method,
+  its result read back
 - build: the fused result made a runnable model (harness.evaluate.as_predictor)
 - evaluate: every task, condition and setting, bootstrap intervals included
 - store: DuckDB (opening, planning queries, writing the runs)
@@ -85,16 +87,12 @@ def worker(args) -> None:
                     stages[active[-1]] = stages.get(active[-1], 0.0) - spent
         return wrapper
 
-    def timed_context(*a, **kw):
-        ctx = make_context(*a, **kw)
-        ctx.load_base, ctx.load_expert = timed("load", ctx.load_base), timed("load", ctx.load_expert)
-        return ctx
-
-    make_context = runner.fusion_context
-    runner.fusion_context = timed("load", timed_context)
     runner.open_suite = timed("load", runner.open_suite)
     runner.validate_submission = timed("validate", runner.validate_submission)
-    runner.fuse = timed("fuse", runner.fuse)
+    runner.isolated_fuse = timed("fuse", runner.isolated_fuse)
+    if not args.cached:
+        from harness import isolation
+        isolation.write_inputs = timed("inputs", isolation.write_inputs)
     if not args.cached:
         evaluate.as_predictor = timed("build", evaluate.as_predictor)
         evaluate.evaluate = timed("evaluate", evaluate.evaluate)

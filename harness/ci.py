@@ -168,6 +168,21 @@ def tier_suites(tier: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- run
 
+def changed_suites(changed: list[str]) -> list[Path]:
+    """The suite files (suites/*.yaml) a change touches, itself or through a file it includes."""
+    from harness.spec import included_files
+    touched = {(REPO_ROOT / f).resolve() for f in changed}
+    out = []
+    for path in sorted((REPO_ROOT / "suites").glob("*.y*ml")):
+        try:
+            includes = set(included_files(path))
+        except FbhError:
+            includes = set()  # the broken suite is reported when it is validated itself
+        if path.resolve() in touched or includes & touched:
+            out.append(path)
+    return out
+
+
 def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print, executor=None) -> CiResult:
     from harness.registry import discover
     from harness.runner import local_executor, submit
@@ -178,8 +193,7 @@ def run_ci(base: str, *, tier: str = "cpu", db: Path, progress: Progress = print
     changed = changed_files(base)
     result = CiResult(base=base, head=_git("rev-parse", "--short", "HEAD").strip(), tier=tier, changed=changed)
     result.file_checks += check_method_files(changed)
-    result.file_checks += check_spec_files([REPO_ROOT / f for f in changed
-                                            if f.startswith("suites/") and f.endswith((".yaml", ".yml"))])
+    result.file_checks += check_spec_files(changed_suites(changed))
     suites = tier_suites(tier)
     used = set()
     for path, reason in affected_submissions(changed).items():
@@ -280,3 +294,127 @@ def render(result: CiResult, store) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")[:500]
+
+
+# ----------------------------------------------------------------------------- the split workflow
+# The PR's code fuses in one job (`fbh ci --fuse-only --out DIR`) and uploads DIR; main's harness,
+# in a second job, evaluates the tensors in DIR (`fbh ci --evaluate DIR`). A result that is code
+# (a pickled module) is not loaded by the trusted job: it is reported as data access not verified.
+
+MANIFEST = "manifest.json"
+
+
+def fuse_changed(base: str, out: Path, progress: Progress = print) -> list[dict]:
+    """Fuse every planned run of the submissions the change affects, on the cpu tier's suites, and
+    write each fused result under out/<run key>/ with out/manifest.json; nothing is evaluated."""
+    import json
+    out.mkdir(parents=True, exist_ok=True)
+    suites = tier_suites("cpu")
+    entries = []
+    for path, reason in affected_submissions(changed_files(base)).items():
+        entries += fuse_submission(path, reason, suites, out, progress)
+    (out / MANIFEST).write_text(json.dumps({"base": base, "entries": entries}, indent=1))
+    return entries
+
+
+def fuse_submission(path: Path, reason: str, suites: list[str], out: Path, progress: Progress) -> list[dict]:
+    from harness.isolation import isolated_fuse
+    from harness.planner import find_suite, plan
+    from harness.runner import open_suite, suite_inputs, validate_submission
+    from harness.spec import load_submission
+    entry = {"path": _rel(path), "reason": reason}
+    try:
+        sub = load_submission(path)
+        info = validate_submission(sub, str(path))
+        entry.update(name=sub.name, method=sub.method)
+        if sub.grid:
+            raise FbhError("a grid submission selects its point on validation scores, which the fusion job does "
+                           "not compute", file=str(path), field="grid",
+                           fix="run it with plain `fbh ci`, or submit the selected params without a grid")
+        specs = [find_suite(s) for s in suites]
+        jobs = plan(sub, [(s, suite_inputs(s, f, progress)[1]) for s, f in specs], set(), force=True,
+                    file=str(path)).todo
+    except FbhError as exc:
+        return [{**entry, "error": exc.render()}]
+    entries = []
+    for job in jobs:
+        handle = open_suite(job.suite, "cpu", progress)
+        params = info.validate_params(job.params if job.params is not None else sub.params)
+        progress(f"ci: fusing {sub.name} on {job.suite}/{job.setting}")
+        item = {**entry, "job": job.as_dict(), "dir": job.key, "data_access": info.data_used(params),
+                "params": params.model_dump(mode="json")}
+        try:
+            fused = isolated_fuse(handle, list(job.seen), info, params, sub.seed, "cpu",
+                                  budget=handle.spec.fusion_budget_seconds, progress=progress, keep=out / job.key)
+            item.update(fusion_seconds=fused.seconds, peak_memory_bytes=fused.peak_memory_bytes,
+                        verified=fused.verified)
+        except Exception as exc:  # the method's failure is its entry's
+            item["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        entries.append(item)
+    return entries
+
+
+def evaluate_fused(folder: Path, *, db: Path, progress: Progress = print) -> CiResult:
+    """Evaluate what `--fuse-only` wrote, with this checkout's harness and suites: no code of the
+    PR's is imported or unpickled. Each run goes into db and the report compares it as `run_ci` does."""
+    import json
+    from harness.isolation import UNVERIFIED
+    from harness.planner import Job
+    from harness.runner import Outcome
+    from harness.store import Store
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise FbhError(f"cannot read the fusion job's manifest: {exc}", file=str(folder / MANIFEST),
+                       field="--evaluate", fix="pass the folder `fbh ci --fuse-only --out DIR` wrote") from None
+    result = CiResult(base=manifest.get("base", "?"), head="fused results", tier="cpu", changed=[])
+    store = Store(db)
+    by_path: dict[str, SubmissionResult] = {}
+    for entry in manifest["entries"]:
+        sub = by_path.setdefault(entry["path"], SubmissionResult(path=entry["path"], name=entry.get("name"),
+                                                                 method=entry.get("method"), reason=entry["reason"]))
+        if "job" not in entry:
+            sub.error = entry.get("error")
+            continue
+        job = Job(**{**entry["job"], "seen": tuple(entry["job"]["seen"]), "unseen": tuple(entry["job"]["unseen"])})
+        if entry.get("verified") is False:  # never loaded here: the PR job's plain `fbh ci` report has its scores
+            result.notes.append(f"{sub.name} on {job.suite}/{job.setting}: {UNVERIFIED}")
+            continue
+        if job.suite not in sub.suites:
+            sub.suites.append(job.suite)
+        run, rows = evaluate_entry(job, entry, folder / entry["dir"], progress)
+        store.write_run(run, rows)
+        sub.outcomes.append(Outcome(run.suite, run.setting, run.label, run.status, run.run_id, run.error))
+    result.submissions = list(by_path.values())
+    return result
+
+
+def evaluate_entry(job, entry: dict, out: Path, progress: Progress):
+    """One fused result as a run: the trusted harness builds and evaluates it (a result that is code
+    is refused, see harness.isolation.read_result); the method's own failure is the run's."""
+    import torch
+    from harness.errors import MethodFailed
+    from harness.evaluate import as_predictor
+    from harness.isolation import read_result
+    from harness.runner import _provenance, open_suite, submission_scorer
+    from harness.store import Run, now
+    handle = open_suite(job.suite, "cpu", progress)
+    run = Run(run_key=job.key, kind=job.kind, label=job.label, submission=entry.get("name"), suite=job.suite,
+              setting=job.setting, method=entry.get("method"), data_access=entry.get("data_access"),
+              params=entry.get("params"), output_kind="fused in the PR's job", started_at=now(),
+              **_provenance(torch.device("cpu"), (job.submission or {}).get("seed"), job))
+    try:
+        if entry.get("error"):
+            raise MethodFailed(entry["error"])
+        handle.check(job, progress)  # fused on the inputs this suite has here, or not compared
+        fused = read_result(out, handle, list(job.seen), entry["fusion_seconds"], progress, load_code=False)
+        predictor = as_predictor(fused.value, handle.family)
+        run.fusion_seconds, run.peak_memory_bytes = fused.seconds, fused.peak_memory_bytes
+        run.data_access_verified, run.n_parameters = True, predictor.num_parameters()
+        rows = [r.as_dict() for r in submission_scorer(job, handle)(predictor)]
+    except Exception as exc:
+        run.status, run.error = "failed", (str(exc) if isinstance(exc, MethodFailed) else
+                                           f"{type(exc).__name__}: {exc}")[:2000]
+        rows = []
+    run.finished_at = now()
+    return run, rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,9 @@ from torch import Tensor, nn
 
 from harness.api import Ensemble
 from harness.families import Family
+from harness.metrics import metric as metric_info
+from harness.predictor import Predictor, combine
+from harness.progress import Progress, Steps
 from harness.digests import load_verified, save_verified, tensors_digest
 from harness.tensors import StateDict
 
@@ -30,29 +34,13 @@ class ResultRow:
     n: int
     ci_low: float | None
     ci_high: float | None
+    # The statistic on each bootstrap resample of the test examples (bootstrap_replicates): the
+    # resamples depend only on the task and n, so two entries' replicates on one task are paired
+    # (the same resampled examples) and an average's interval is the mean of the tasks' replicates.
+    replicates: list[float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Predictor:
-    """A fused model ready to predict: one module, or several whose logits combine.
-    member_keys: which checkpoint each member is (None when it was made in this run), so
-    that a member's outputs on a test set are computed once for every ensemble and reference."""
-    members: list[nn.Module]
-    weights: list[float] | None = None
-    reduce: str = "mean"
-    member_keys: list[str | None] | None = None
-
-    def num_parameters(self) -> int:
-        seen, total = set(), 0
-        for m in self.members:
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel()
-        return total
 
 
 def as_predictor(fused, family: Family) -> Predictor:
@@ -84,16 +72,6 @@ def check_state(state: StateDict) -> None:
             raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise ValueError(f"fused weights contain NaN or inf in '{k}'")
-
-
-def combine(predictor: Predictor, member_logits: Tensor) -> Tensor:
-    """Reduce stacked member logits [members, batch, ...] to one prediction's logits."""
-    if predictor.reduce == "max":
-        return member_logits.max(dim=0).values
-    if predictor.weights is not None:
-        w = torch.tensor(predictor.weights, device=member_logits.device)
-        return (w.view(-1, *[1] * (member_logits.dim() - 1)) * member_logits).sum(0)
-    return member_logits.mean(0)
 
 
 @torch.no_grad()
@@ -128,21 +106,32 @@ def predict(predictor: Predictor, family: Family, task: str, inputs: Tensor, bat
     return torch.cat(outs)
 
 
-def bootstrap_ci(per_example: Tensor, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean, over test examples."""
+def task_seed(task: str) -> int:
+    """The bootstrap seed of a task's test examples: tasks are resampled independently, every entry
+    of a task alike (so differences between entries are paired)."""
+    return int.from_bytes(hashlib.sha256(task.encode()).digest()[:4], "big")
+
+
+def bootstrap_replicates(per_example: Tensor, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> Tensor | None:
+    """The mean of per_example on each of `samples` bootstrap resamples (float64); None under 2 examples."""
     n = len(per_example)
     if n < 2:
-        v = float(per_example.mean()) if n else float("nan")
-        return v, v
-    means = per_example.double()[resample_indices(n, samples, seed)].mean(dim=1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64))
+        return None
+    return per_example.double()[resample_indices(n, samples, seed)].mean(dim=1)
+
+
+def percentile_interval(replicates: Tensor) -> tuple[float, float]:
+    """95% percentile interval of bootstrap replicates, non-finite ones left out (NaN when none is finite)."""
+    finite = replicates[torch.isfinite(replicates)]
+    if not len(finite):
+        return float("nan"), float("nan")
+    lo, hi = torch.quantile(finite.double(), torch.tensor([0.025, 0.975], dtype=torch.float64))
     return float(lo), float(hi)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def resample_indices(n: int, samples: int, seed: int) -> Tensor:
-    """The bootstrap's [samples, n] example indices: the same for every row of n examples, so
-    drawn once per n (a submit scores dozens of test sets of one size)."""
+    """The bootstrap's [samples, n] example indices for one task's n examples (seed: task_seed)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, n, (samples, n), generator=g)
 
@@ -155,10 +144,12 @@ def split_name(family: Family, task: str, role: str) -> str:
 
 def score_task(predictor: Predictor, family: Family, task: str, *, split: str, task_split: str,
                condition: str = "clean", severity: int | None = None, batch_size: int = 256,
-               outputs_cache: Path | None = None) -> list[ResultRow]:
+               outputs_cache: Path | None = None, limit: int | None = None) -> list[ResultRow]:
     """One row per metric of the task: its primary metric first, then its extra_metrics."""
     inputs, targets = family.eval_data(task, split_name(family, task, split),
                                        None if condition == "clean" else condition, severity)
+    if limit is not None:
+        inputs, targets = inputs[:limit], targets[:limit]
     where_stored = None
     if outputs_cache is not None and any(k is not None for k in predictor.member_keys or []):
         data = tensors_digest({"inputs": inputs, "targets": targets})[7:27]  # what the outputs were computed on
@@ -170,51 +161,60 @@ def score_task(predictor: Predictor, family: Family, task: str, *, split: str, t
     # sample, in reported units; otherwise the metric is the mean of per-example scores, in percent.
     statistic = getattr(family, "statistic", None)
     value_of = statistic(task, outputs, targets) if statistic is not None else None
+    if (value_of is not None) != (metric_info(spec.metric).aggregation == "corpus"):
+        raise TypeError(f"the {type(family).__name__} family computes '{spec.metric}' of task '{task}' as a "
+                        f"{'corpus statistic' if value_of is not None else 'mean of per-example scores'}, but "
+                        f"harness.metrics registers it as aggregation '{metric_info(spec.metric).aggregation}'")
+    seed = task_seed(task)
     if value_of is not None:
-        rows = [statistic_row(value_of, len(targets), metric=spec.metric, **where)]
+        rows = [statistic_row(value_of, len(targets), seed, metric=spec.metric, **where)]
     else:
         per_example = family.score(task, outputs, targets)
-        lo, hi = bootstrap_ci(per_example)
-        rows = [ResultRow(metric=spec.metric, value=100 * float(per_example.mean()), n=len(per_example),
-                          ci_low=100 * lo, ci_high=100 * hi, **where)]
+        rows = [replicates_row(100 * float(per_example.mean()), len(per_example),
+                               bootstrap_replicates(100 * per_example.double(), seed), metric=spec.metric, **where)]
     # Extra metrics (pixel accuracy beside mIoU, ...) come from families that compute several per task.
     for metric in spec.extra_metrics:
-        rows.append(statistic_row(family.metric_statistic(task, metric, outputs, targets), len(targets),
+        rows.append(statistic_row(family.metric_statistic(task, metric, outputs, targets), len(targets), seed,
                                   metric=metric, **where))
     return rows
 
 
-def statistic_row(value_of, n: int, **fields) -> ResultRow:
-    lo, hi = bootstrap_statistic(value_of, n)
-    return ResultRow(value=value_of(torch.arange(n)), n=n, ci_low=lo, ci_high=hi, **fields)
+def replicates_row(value: float, n: int, replicates: Tensor | None, **fields) -> ResultRow:
+    """A row with its 95% interval and replicates; a single example's interval is its value."""
+    if replicates is None:
+        return ResultRow(value=value, n=n, ci_low=value, ci_high=value, **fields)
+    lo, hi = percentile_interval(replicates)
+    return ResultRow(value=value, n=n, ci_low=lo, ci_high=hi, replicates=replicates.float().tolist(), **fields)
 
 
-def bootstrap_statistic(value_of, n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95% percentile bootstrap interval of any statistic of an example sample."""
+def statistic_row(value_of, n: int, seed: int, **fields) -> ResultRow:
+    return replicates_row(value_of(torch.arange(n)), n, bootstrap_statistic(value_of, n, seed), **fields)
+
+
+def bootstrap_statistic(value_of, n: int, seed: int, samples: int = BOOTSTRAP_SAMPLES) -> Tensor | None:
+    """Any statistic of an example sample (a corpus-level metric) on each bootstrap resample;
+    a resample on which it is undefined gives NaN."""
     if n < 2:
-        v = value_of(torch.arange(n))
-        return v, v
-    values = torch.tensor([value_of(idx) for idx in resample_indices(n, samples, seed)], dtype=torch.float64)
-    values = values[torch.isfinite(values)]
-    if not len(values):
-        return float("nan"), float("nan")
-    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64))
-    return float(lo), float(hi)
+        return None
+    return torch.tensor([value_of(idx) for idx in resample_indices(n, samples, seed)], dtype=torch.float64)
 
 
 def evaluate(predictor: Predictor, family: Family, tasks: Iterable[tuple[str, str]], *, split: str = "test",
-             corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None) -> list[ResultRow]:
+             corruptions: Sequence = (), batch_size: int = 256, outputs_cache: Path | None = None,
+             progress: Progress | None = None, limit: int | None = None) -> list[ResultRow]:
     """tasks: (task, 'seen'|'unseen') pairs. corruptions: CorruptionSpec-like objects.
     outputs_cache: a folder for stored checkpoints' logits, scoped by the caller to what else
-    decides them (suite, code, device)."""
-    rows = []
+    decides them (suite, code, device). progress: told of each (task, condition) as it starts.
+    limit: score the first `limit` examples of each task only (a smoke run)."""
     tasks = list(tasks)
-    common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache)
-    for task, task_split in tasks:
-        rows += score_task(predictor, family, task, task_split=task_split, **common)
-    for c in corruptions:
-        for task, task_split in tasks:
-            if c.tasks is None or task in c.tasks:
-                rows += score_task(predictor, family, task, task_split=task_split, condition=c.name,
-                                   severity=c.severity, **common)
+    steps = [(task, task_split, None) for task, task_split in tasks]
+    steps += [(task, task_split, c) for c in corruptions for task, task_split in tasks
+              if c.tasks is None or task in c.tasks]
+    common = dict(split=split, batch_size=batch_size, outputs_cache=outputs_cache, limit=limit)
+    rows = []
+    with Steps(len(steps), f"evaluating on {split}", progress) as counter:
+        for task, task_split, c in steps:
+            counter.next(f"{task}/{'clean' if c is None else f'{c.name}@{c.severity}'}")
+            where = {} if c is None else {"condition": c.name, "severity": c.severity}
+            rows += score_task(predictor, family, task, task_split=task_split, **where, **common)
     return rows

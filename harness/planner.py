@@ -37,7 +37,7 @@ HARNESS_DIR = Path(__file__).parent
 RESULT_SHAPING_MODULES = (
     "api.py",                       # what a method is handed: FusionContext, its data batches, Ensemble
     "corruptions.py",               # the corrupted test sets
-    "evaluate.py",                  # predicting, combining ensembles, metrics and their intervals
+    "evaluate.py",                  # predicting, metrics and their intervals
     "families/__init__.py",         # which adapter a suite's family kind loads
     "families/clip_vision.py",      # the model families: loading, running and scoring models
     "families/common.py",
@@ -45,12 +45,14 @@ RESULT_SHAPING_MODULES = (
     "families/gpt2_classification.py",
     "families/open_clip_vision.py",
     "families/resnet_nyuv2.py",
+    "metrics.py",                   # each metric's direction (grid selection) and aggregation
     "moe.py",                       # upscaled modules of the mixing methods
     "pool.py",                      # reading checkpoints' tensors
+    "predictor.py",                 # combining ensemble members' outputs
     "registry.py",                  # a method's params as validated, and how many examples it may read
     "runner.py",                    # seeds, the data and corruptions each run sees, grid-point selection
     "sources.py",                   # which files a suite's model and data references load
-    "spec.py",                      # which metrics are errors (lower is better), as grid selection reads them
+    "spec.py",                      # the validated suite and submission fields a run reads
     "tensors.py",                   # the state-dict arithmetic of merging
 )
 
@@ -151,6 +153,7 @@ class Job:
     reference: str | None = None     # 'pretrained' | 'stl' | 'mtl'
     params: dict | None = None       # the hyperparameters to fuse with (grid point or selected point)
     selection: dict | None = None    # {'grid': [{params, validation_mean, validation_score}], 'search_seconds', 'peak_memory_bytes'}
+    limit: int | None = None         # a smoke run: scored on the first `limit` examples of each task only
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,38 +193,57 @@ class SuiteInputs:
     inputs: dict
 
 
-def reference_jobs(suite: SuiteSpec, on: SuiteInputs) -> list[Job]:
-    base = {"fingerprint": on.fingerprint, "harness": harness_code_hash()}
+def limited(limit: int | None) -> dict:
+    """A smoke run's part of a key; nothing for a full run, so full runs keep their keys."""
+    return {} if limit is None else {"limit": limit}
+
+
+def reference_jobs(suite: SuiteSpec, on: SuiteInputs, limit: int | None = None) -> list[Job]:
+    base = {"fingerprint": on.fingerprint, "harness": harness_code_hash(), **limited(limit)}
     return [Job(key=content_hash({"reference": REFERENCE_LABELS[ref], **base}), kind="reference",
                 suite=suite.name, setting="all", label=REFERENCE_LABELS[ref], seen=tuple(suite.task_names),
-                unseen=(), fingerprint=on.fingerprint, inputs=on.inputs, reference=ref)
+                unseen=(), fingerprint=on.fingerprint, inputs=on.inputs, reference=ref, limit=limit)
             for ref in suite.references.computed]
 
 
-def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None) -> dict:
+def _submission_base(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None,
+                     limit: int | None = None) -> dict:
     return {"name": sub.name, "method": sub.method, "params": sub.params, "grid": sub.grid, "seed": sub.seed,
             "method_code": registry.code_identity(sub.method, file), "fingerprint": on.fingerprint,
-            "harness": harness_code_hash()}
+            "harness": harness_code_hash(), **limited(limit)}
 
 
-def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs,
-                    file: str | None = None) -> list[tuple[Setting, Job]]:
+def submission_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, file: str | None = None,
+                    limit: int | None = None) -> list[tuple[Setting, Job]]:
     """One job per setting: the submission's leaderboard run (for a grid, the selected point's)."""
-    base = _submission_base(sub, suite, on, file)
-    return [(s, Job(key=content_hash({**base, "setting": s.key()}), kind="submission", suite=suite.name,
-                    setting=s.name, label=sub.name, seen=s.seen, unseen=s.unseen, fingerprint=on.fingerprint,
-                    inputs=on.inputs, submission=sub.model_dump(mode="json")))
-            for s in settings(suite)]
+    jobs = []
+    for seeded in seed_runs(sub):
+        base = _submission_base(seeded, suite, on, file, limit)
+        jobs += [(s, Job(key=content_hash({**base, "setting": s.key()}), kind="submission", suite=suite.name,
+                         setting=s.name, label=sub.name, seen=s.seen, unseen=s.unseen, fingerprint=on.fingerprint,
+                         inputs=on.inputs, submission=seeded.model_dump(mode="json"), limit=limit))
+                 for s in settings(suite)]
+    return jobs
+
+
+def seed_runs(sub: SubmissionSpec) -> list[SubmissionSpec]:
+    """The submission once per seed it runs with, each a one-seed spec (a one-seed submission is itself)."""
+    if not sub.seeds:
+        return [sub]
+    return [sub.model_copy(update={"seed": seed, "seeds": None}) for seed in sub.seeds]
 
 
 def point_jobs(sub: SubmissionSpec, suite: SuiteSpec, on: SuiteInputs, setting: Setting, selected: Job,
                file: str | None = None) -> tuple[Job, ...]:
-    """The grid points of one setting. A point's key leaves out the rest of the grid, so
-    widening a grid reuses the points already stored."""
-    base = {**_submission_base(sub, suite, on, file), "grid": {}, "setting": setting.key(), "grid_point": True}
+    """The grid points of one setting (and seed: the selected job's). A point's key leaves out the rest of
+    the grid, so widening a grid reuses the points already stored."""
+    sub = SubmissionSpec.model_validate(selected.submission)
+    base = {**_submission_base(sub, suite, on, file, selected.limit), "grid": {}, "setting": setting.key(),
+            "grid_point": True}
     return tuple(Job(key=content_hash({**base, "params": point}), kind="grid_point", suite=suite.name,
                      setting=setting.name, label=point_label(sub, point), seen=setting.seen, unseen=(),
-                     fingerprint=on.fingerprint, inputs=on.inputs, submission=selected.submission, params=point)
+                     fingerprint=on.fingerprint, inputs=on.inputs, submission=selected.submission, params=point,
+                     limit=selected.limit)
                  for point in grid_points(sub))
 
 
@@ -234,18 +256,18 @@ def check_grid_data(sub: SubmissionSpec, suite: SuiteSpec, file: str | None = No
 
 
 def plan(sub: SubmissionSpec | None, suites: list[tuple[SuiteSpec, SuiteInputs]], done_keys: set[str], *,
-         force: bool = False, file: str | None = None) -> Plan:
+         force: bool = False, file: str | None = None, limit: int | None = None) -> Plan:
     """What to run, what is stored, and which grid searches wait on their points. References
     are never forced: they depend on no submission. A stored selected run makes its grid
     points irrelevant, so an unchanged re-submit looks up one key per setting."""
     out = Plan([], [], [])
     for suite, on in suites:
-        for job in reference_jobs(suite, on):
+        for job in reference_jobs(suite, on, limit):
             (out.cached if job.key in done_keys else out.todo).append(job)
         if sub is None:
             continue
         check_grid_data(sub, suite, file)
-        for setting, job in submission_jobs(sub, suite, on, file):
+        for setting, job in submission_jobs(sub, suite, on, file, limit):
             if job.key in done_keys and not force:
                 out.cached.append(job)
             elif not sub.grid:

@@ -155,9 +155,19 @@ def method(name: str, *, params: type[Params] = NoParams, category: Category, da
     return wrap
 
 
+def use_project_methods() -> None:
+    """Import `methods` from the project fbh works on (harness.paths.project_root), not only from the checkout
+    fbh is installed from; once imported, the package stays what it is for the process."""
+    from harness.paths import project_root
+    root = str(project_root())
+    if "methods" not in sys.modules and root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def discover() -> dict[str, MethodInfo]:
     global _discovered
     if not _discovered:
+        use_project_methods()
         import methods
         for info in pkgutil.iter_modules(methods.__path__):
             if not info.name.startswith("_"):
@@ -211,6 +221,7 @@ def _index_file() -> Path:
 def _discovery_inputs() -> str:
     """Digest of what discover() registers from: the files of the methods package, this module's code
     and the interpreter (its environment decides which optional imports succeed)."""
+    use_project_methods()
     import methods
     files = [Path(__file__), *sorted(p for d in methods.__path__ for p in Path(d).rglob("*.py"))]
     h = hashlib.sha256(f"{sys.prefix}\0{sys.version}".encode())
@@ -219,25 +230,53 @@ def _discovery_inputs() -> str:
     return h.hexdigest()
 
 
-def _indexed_modules(inputs: str) -> dict[str, list[str]]:
-    """Method name -> [module, file], from an index written from these inputs; else empty."""
+def _read_index(inputs: str) -> dict[str, Any]:
+    """The index written by a discovery of these inputs; else empty."""
     try:
         index = json.loads(_index_file().read_text())
     except (OSError, ValueError):
         return {}
-    return index["methods"] if isinstance(index, dict) and index.get("inputs") == inputs else {}
+    return index if isinstance(index, dict) and index.get("inputs") == inputs else {}
+
+
+def _indexed_modules(inputs: str) -> dict[str, list[str]]:
+    """Method name -> [module, file], from an index written from these inputs; else empty."""
+    return _read_index(inputs).get("methods", {})
+
+
+def card(info: MethodInfo) -> dict[str, Any]:
+    """What `fbh methods list / show` say of a method: plain JSON, so the index can answer without torch."""
+    module = sys.modules.get(info.module)
+    return {"name": info.name, "category": info.category, "data": info.data, "output": info.output,
+            "trains": info.trains, "stochastic": info.stochastic, "samples": info.samples, "summary": info.summary,
+            "reference": info.reference, "doc": inspect.getdoc(module) or inspect.getdoc(info.fn) or "",
+            "source": str(info.source_file), "params": info.params.model_json_schema()}
+
+
+def method_cards() -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(name -> card, broken module -> why) of every method: from the index while nothing discovery reads
+    has changed, else by discovering them (which writes the index)."""
+    inputs = _discovery_inputs()
+    index = _read_index(inputs)
+    if "cards" in index and not _discovered:
+        return index["cards"], index.get("broken", {})
+    infos = discover()
+    _write_index(inputs)
+    return {name: card(info) for name, info in infos.items()}, import_failures()
 
 
 def _write_index(inputs: str) -> None:
     """The methods package's registrations, from a discovery of `inputs` (digested before it ran, so a
     file changed meanwhile makes the index stale, never wrong). Written whole or not at all."""
-    methods = {name: [info.module, str(info.source_file)] for name, info in _REGISTRY.items()
-               if info.module.startswith("methods.")}
+    ours = {name: info for name, info in _REGISTRY.items() if info.module.startswith("methods.")}
+    methods = {name: [info.module, str(info.source_file)] for name, info in ours.items()}
+    cards = {name: card(info) for name, info in ours.items()}
     path = _index_file()
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"inputs": inputs, "methods": methods}))
+        partial.write_text(json.dumps({"inputs": inputs, "methods": methods, "cards": cards, "broken": _BROKEN},
+                                      default=str))
         os.replace(partial, path)
     except OSError:  # a read-only cache only costs the next plan a discovery
         partial.unlink(missing_ok=True)

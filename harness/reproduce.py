@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from harness.errors import FbhError
 from harness.planner import Job, find_suite
-from harness.store import Store
+from harness.store import ROW_COLUMNS, Store
 
 ROW_KEY = ("task", "task_split", "condition", "severity", "metric")
 REPRODUCIBLE = "kind IN ('submission', 'reference') AND status = 'ok' AND NOT coalesce(superseded, false)"
@@ -78,9 +78,9 @@ def stored_job(run: dict) -> Job:
     return Job(**{**data, "seen": tuple(data["seen"]), "unseen": tuple(data["unseen"])})
 
 
-def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> Reproduction:
-    """Run one stored run's job again here and compare every result row; stores nothing."""
-    from harness.runner import execute_job, suite_inputs
+def require_same_inputs(run: dict, progress=print) -> Job:
+    """The run's job, once this machine is shown to hold the inputs it was computed on (its fingerprint)."""
+    from harness.runner import suite_inputs
     job = stored_job(run)
     spec, file = find_suite(job.suite)
     _, on = suite_inputs(spec, file, progress)
@@ -89,14 +89,21 @@ def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> R
         changed = sorted(k for k in {**recorded, **on.inputs} if recorded.get(k) != on.inputs.get(k)) or ["suite spec"]
         raise FbhError(f"run {run['run_id']} was computed on fingerprint {run['fingerprint']}, this machine has "
                        f"{on.fingerprint} (differs in: {', '.join(changed)})", file=str(file),
-                       fix="reproduce where those inputs are (for a zoo: `fbh zoo import` the zoo it was computed on)")
+                       fix="work where those inputs are (for a zoo: `fbh zoo import` the zoo it was computed on)")
+    return job
+
+
+def reproduce(store: Store, run: dict, device: str = "cpu", progress=print) -> Reproduction:
+    """Run one stored run's job again here and compare every result row; stores nothing."""
+    from harness.runner import execute_job
+    job = require_same_inputs(run, progress)
     result = execute_job(job, device, progress, reuse_outputs=False)
     out = Reproduction(run)
     if result.run.status != "ok":
         out.error = result.run.error
         return out
     stored = {tuple(r[k] for k in ROW_KEY): r["value"]
-              for r in store.query("SELECT * FROM results WHERE run_id = ?", [run["run_id"]])}
+              for r in store.query(f"SELECT {ROW_COLUMNS} FROM results WHERE run_id = ?", [run["run_id"]])}
     now = {tuple(r[k] for k in ROW_KEY): r["value"] for r in result.rows}
     out.rows = [RowDifference(k, stored.get(k), now.get(k)) for k in sorted({*stored, *now}, key=str)]
     return out

@@ -26,11 +26,13 @@ from typing import Callable, Iterable
 
 from harness import registry
 from harness.digests import CorruptFile
-from harness.errors import FbhError, SuiteUnavailable
+from harness.errors import FbhError, MethodFailed, SuiteUnavailable
+from harness.isolation import BUDGET_FIX, is_approved, isolated_fuse
 from harness.planner import (GridSearch, Job, SuiteInputs, all_keys, content_hash, default_suites, find_suite,
                              grid_points, harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
-from harness.provenance import PeakMemory, device_name, git_commit, package_versions, pick_device
-from harness.spec import SubmissionSpec, SuiteSpec, higher_is_better, load_submission
+from harness.metrics import higher_is_better
+from harness.provenance import device_name, git_commit, package_versions, pick_device
+from harness.spec import SubmissionSpec, SuiteSpec, load_submission
 from harness.store import Run, Store, now
 from harness.suites import require_available
 from harness.validate import check_name_owned
@@ -116,6 +118,8 @@ class Outcome:
     run_id: str | None = None
     error: str | None = None
     mean: float | None = None
+    fusion_seconds: float | None = None
+    eval_seconds: float | None = None
 
 
 @dataclass
@@ -152,7 +156,8 @@ def _provenance(device, seed: int | None, job: Job) -> dict:
 
 
 def identity_fields(job: Job) -> dict:
-    return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict()}
+    return {"fingerprint": job.fingerprint or None, "inputs": job.inputs, "job": job.as_dict(),
+            "example_limit": job.limit}
 
 
 def execute_job(job: Job, device: str = "cpu", progress: Progress = print, reuse_outputs: bool = True) -> JobResult:
@@ -179,13 +184,15 @@ def _reference(job: Job, handle: SuiteHandle, device, progress: Progress) -> Job
         for t in spec.task_names:
             pred = as_predictor(family.expert_state(t), family)
             rows += evaluate(pred, family, [(t, "seen")], corruptions=_corruptions_for(spec, t),
-                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
+                             batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress,
+                             limit=job.limit)
     else:
         state = (family.base_state() if job.reference == "pretrained"
                  else family.load_state(spec.references.mtl, "references.mtl"))
         pred = as_predictor(state, family)
         rows = evaluate(pred, family, [(t, "seen") for t in spec.task_names], corruptions=spec.corruptions,
-                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs)
+                        batch_size=spec.eval_batch_size, outputs_cache=handle.outputs, progress=progress,
+                        limit=job.limit)
     run = Run(run_key=job.key, kind="reference", label=job.label, suite=spec.name, setting="all",
               n_parameters=pred.num_parameters(), output_kind="merged", data_access="n/a", started_at=started,
               finished_at=now(), eval_seconds=time.perf_counter() - t0, **_provenance(device, None, job))
@@ -199,16 +206,9 @@ def _corruptions_for(spec: SuiteSpec, task: str):
 def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
     """A submission's leaderboard run: fuse with its params (for a grid, the point selected
     on validation by the driver) and evaluate on test, corruptions included in 'all'."""
-    from harness.evaluate import evaluate
     sub = SubmissionSpec.model_validate(job.submission)
-    spec = handle.spec
     params = job.params if job.params is not None else grid_points(sub)[0]
-    tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
-    corruptions = spec.corruptions if job.setting == "all" else ()
-    run, result = _fuse_and_score(job, handle, device, progress, params,
-                                  lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
-                                                             batch_size=spec.eval_batch_size,
-                                                             outputs_cache=handle.outputs))
+    run, result = _fuse_and_score(job, handle, device, progress, params, submission_scorer(job, handle, progress))
     if job.selection is not None and run.status == "ok":
         # The leaderboard shows what the whole search cost, as when it ran in one process.
         run.grid = job.selection["grid"]
@@ -216,6 +216,16 @@ def _submission(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
         run.peak_memory_bytes = max(run.peak_memory_bytes or 0, job.selection["peak_memory_bytes"] or 0)
         run.data_access += "+grid:labeled_validation"
     return result
+
+
+def submission_scorer(job: Job, handle: SuiteHandle, progress: Progress | None = None) -> Callable:
+    """predictor -> result rows of a submission's run: its setting's tasks on test, corruptions in 'all'."""
+    from harness.evaluate import evaluate
+    tasks = [(t, "seen") for t in job.seen] + [(t, "unseen") for t in job.unseen]
+    corruptions = handle.spec.corruptions if job.setting == "all" else ()
+    return lambda predictor: evaluate(predictor, handle.family, tasks, corruptions=corruptions,
+                                      batch_size=handle.spec.eval_batch_size, outputs_cache=handle.outputs,
+                                      progress=progress, limit=job.limit)
 
 
 def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> JobResult:
@@ -226,7 +236,8 @@ def _grid_point(job: Job, handle: SuiteHandle, device, progress: Progress) -> Jo
     _, result = _fuse_and_score(job, handle, device, progress, job.params,
                                 lambda predictor: evaluate(predictor, handle.family, tasks, split="validation",
                                                            batch_size=handle.spec.eval_batch_size,
-                                                           outputs_cache=handle.outputs))
+                                                           outputs_cache=handle.outputs, progress=progress,
+                                                           limit=job.limit))
     return result
 
 
@@ -242,14 +253,14 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
               setting=job.setting, method=sub.method, data_access=info.data, output_kind=info.output,
               started_at=now(), **_provenance(device, sub.seed, job))
     try:
-        ctx = fusion_context(handle, list(job.seen), info, sub.seed, device)
         validated = info.validate_params(params)
-        t0 = time.perf_counter()
-        with PeakMemory(device) as mem:
-            predictor = as_predictor(fuse(info, ctx, validated), handle.family)
-        run.fusion_seconds = time.perf_counter() - t0
+        fused = isolated_fuse(handle, list(job.seen), info, validated, sub.seed, device,
+                              budget=handle.spec.fusion_budget_seconds, progress=progress)
+        predictor = as_predictor(fused.value, handle.family)
+        run.fusion_seconds = fused.seconds
         check_budget(run.fusion_seconds, handle)
-        run.peak_memory_bytes = mem.peak
+        run.peak_memory_bytes = fused.peak_memory_bytes
+        run.data_access_verified = fused.verified or is_approved(info)
         run.params = validated.model_dump(mode="json")
         run.data_access = info.data_used(validated)
         run.n_parameters = predictor.num_parameters()
@@ -260,10 +271,11 @@ def _fuse_and_score(job: Job, handle: SuiteHandle, device, progress: Progress, p
         raise
     except Exception as exc:  # the method's failure is its run's, not the batch's
         run.status = "failed"
-        run.error = f"{type(exc).__name__}: {exc}"[:2000]
+        run.error = (str(exc) if isinstance(exc, MethodFailed) else f"{type(exc).__name__}: {exc}")[:2000]
         run.finished_at = now()
         progress(f"[{spec.name}/{job.setting}] {job.label} FAILED: {run.error}")
-        progress("".join(traceback.format_exception(exc)[-3:]).rstrip())
+        if not isinstance(exc, MethodFailed):  # the fusion process has printed its own
+            progress("".join(traceback.format_exception(exc)[-3:]).rstrip())
         return run, JobResult(job, run, [])
     run.finished_at = now()
     return run, JobResult(job, run, [r.as_dict() for r in rows])
@@ -273,26 +285,13 @@ def check_budget(seconds: float, handle: SuiteHandle) -> None:
     budget = handle.spec.fusion_budget_seconds
     if budget is not None and seconds > budget:
         raise FbhError(f"fusion took {seconds:.1f} s, over the suite's budget of {budget:g} s", file=str(handle.file),
-                       field="fusion_budget_seconds",
-                       fix="lower the method's steps or data for this suite (a submission per suite), or argue for "
-                           "a larger budget in the suite file")
+                       field="fusion_budget_seconds", fix=BUDGET_FIX)
 
 
-def fusion_context(handle: SuiteHandle, tasks: list[str], info: registry.MethodInfo, seed: int, device):
-    from harness.api import FusionContext
-    family, spec = handle.family, handle.spec
-
-    def data(task: str, split: str):
-        t = spec.task(task)
-        name = {"train": t.train_split, "validation": t.validation_split, "test": t.split}[split]
-        if name is None:
-            raise FbhError(f"task '{task}' declares no {split} split", file=str(handle.file),
-                           field=f"tasks[{task}].{split}_split", fix=f"declare a {split} split for this method")
-        return family.eval_data(task, name)
-
-    return FusionContext(tasks=tasks, load_base=family.base_state, load_expert=family.expert_state,
-                         build_module=family.build, logits_fn=family.logits, data_fn=data,
-                         data_access=info.data, seed=seed, device=device)
+def fuse(info: registry.MethodInfo, ctx, params):
+    """In this process (tests of the methods themselves); runs go through isolated_fuse."""
+    from harness.fusion_worker import fuse as fuse_in_this_process
+    return fuse_in_this_process(info, ctx, params)
 
 
 def validate_submission(sub: SubmissionSpec, file: str) -> registry.MethodInfo:
@@ -300,13 +299,6 @@ def validate_submission(sub: SubmissionSpec, file: str) -> registry.MethodInfo:
     for point in grid_points(sub):
         info.validate_params(point, file=file, prefix="params" if not sub.grid else "params/grid")
     return info
-
-
-def fuse(info: registry.MethodInfo, ctx, params):
-    import torch
-    torch.manual_seed(ctx.seed)
-    ctx.samples_per_task = info.samples_per_task(params)  # batches() hands out no more than declared
-    return info.fn(ctx, params)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -339,7 +331,8 @@ def store_published(store: Store, spec: SuiteSpec, file: Path) -> None:
 
 
 def local_executor(jobs: list[Job], device: str, progress: Progress) -> Iterable[JobResult]:
-    for job in jobs:
+    for i, job in enumerate(jobs, 1):
+        progress(f"[{i}/{len(jobs)}] {job.suite}/{job.setting}: {job.label}")
         yield execute_job(job, device, progress)
 
 
@@ -420,7 +413,8 @@ def select_points(store: Store, searches: list[GridSearch], primary: dict[str, d
 
 def outcome(result: JobResult) -> Outcome:
     r = result.run
-    return Outcome(r.suite, r.setting, r.label, r.status, r.run_id, r.error, mean_clean(result.rows))
+    return Outcome(r.suite, r.setting, r.label, r.status, r.run_id, r.error, mean_clean(result.rows),
+                   r.fusion_seconds, r.eval_seconds)
 
 
 def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, label: str,
@@ -445,7 +439,7 @@ def available_suites(specs: list[tuple[SuiteSpec, Path]], report: SubmitReport, 
 
 def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: Path | str | None = None,
            device: str = "auto", progress: Progress = print, force: bool = False,
-           executor=local_executor) -> SubmitReport:
+           executor=local_executor, limit: int | None = None) -> SubmitReport:
     from harness.paths import default_db
     path = Path(submission_path)
     sub = load_submission(path)
@@ -468,8 +462,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
     suites_ = [(s, suite_inputs(s, f, progress)[1]) for s, f in specs]  # builds and checks zoos first
     store = Store(db or default_db())
     check_name_owned(sub.name, path, store.submission_source(sub.name))
-    done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path))))
-    todo = plan(sub, suites_, done, force=force, file=str(path))
+    done = store.completed_keys(all_keys(plan(sub, suites_, set(), force=True, file=str(path), limit=limit)))
+    todo = plan(sub, suites_, done, force=force, file=str(path), limit=limit)
     if todo.todo or todo.searches:  # a stored run proves its params were valid; anything new is validated first
         validate_submission(sub, str(path))
         from harness.paths import writable_cache
@@ -491,4 +485,6 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
             store.write_run(result.run, result.rows)
             report.outcomes.append(outcome(result))
         report.outcomes += run_jobs(store, selected, dev, progress, executor)
+    for spec, on in suites_:
+        store.supersede_other_seeds(sub.name, spec.name, on.fingerprint, limit, sub.run_seeds())
     return report

@@ -32,8 +32,9 @@ from harness.leaderboard import (Entry, condition_label, condition_labels, csv_c
                                  generalization, other_fingerprints, relative_to_stl, robustness)
 from harness.locks import remove_stale
 from harness.paths import REPO_ROOT
-from harness.spec import higher_is_better, strip_invisible
-from harness.store import Store
+from harness.metrics import DEFAULT_METRIC, higher_is_better, label as metric_hint
+from harness.spec import strip_invisible
+from harness.store import ROW_COLUMNS, Store
 
 SITE_SOURCES = REPO_ROOT / "site"
 MARKER = ".fbh-site"  # the manifest of a build: every file it wrote, which is all a rebuild removes
@@ -154,12 +155,12 @@ class SuitePages:
     @property
     def metrics(self) -> dict[str, str]:
         """Task -> its primary metric."""
-        return {t["name"]: t.get("metric", "accuracy") for t in self.spec.get("tasks", [])}
+        return {t["name"]: t.get("metric", DEFAULT_METRIC) for t in self.spec.get("tasks", [])}
 
     def result_order(self, row: dict) -> tuple:
         """Sort key of a result row: the suite's task order, then the primary metric before the extra ones."""
         spec = next((t for t in self.spec.get("tasks", []) if t["name"] == row["task"]), {})
-        metrics = [spec.get("metric", "accuracy"), *spec.get("extra_metrics", [])]
+        metrics = [spec.get("metric", DEFAULT_METRIC), *spec.get("extra_metrics", [])]
         return (self.tasks.index(row["task"]) if row["task"] in self.tasks else len(self.tasks), row["task"],
                 metrics.index(row["metric"]) if row["metric"] in metrics else len(metrics), row["metric"])
 
@@ -167,12 +168,12 @@ class SuitePages:
     def relative_to_stl(self) -> bool:
         """Whether charts plot scores as % of the STL expert instead of raw values: raw values only read
         'higher is better' on one axis when every task's primary metric is a score (not an error)."""
-        return not all(higher_is_better(self.metrics.get(t, "accuracy")) for t in self.tasks)
+        return not all(higher_is_better(self.metrics.get(t, DEFAULT_METRIC)) for t in self.tasks)
 
     @property
     def score_title(self) -> str:
         """What a task's (primary) value is, e.g. 'accuracy (%)'."""
-        metrics = {self.metrics.get(t, "accuracy") for t in self.tasks}
+        metrics = {self.metrics.get(t, DEFAULT_METRIC) for t in self.tasks}
         return metric_hint(metrics.pop()) if len(metrics) == 1 else "score (each task's primary metric)"
 
     @property
@@ -197,7 +198,7 @@ class SuitePages:
         if not self.relative_to_stl:
             return [e.scores.get(t) for t in self.tasks]
         stl = self.stl.scores if self.stl else {}
-        return [_percent_of_stl(self.metrics.get(t, "accuracy"), e.scores.get(t), stl.get(t)) for t in self.tasks]
+        return [_percent_of_stl(self.metrics.get(t, DEFAULT_METRIC), e.scores.get(t), stl.get(t)) for t in self.tasks]
 
 
 STL_RATIO = "score / STL, STL / error for errors; higher is better"
@@ -229,7 +230,7 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
     runs = {r["run_id"]: r for rs in _rows_by(store, "SELECT * FROM runs WHERE run_id IN "
                                               "(SELECT unnest(?::VARCHAR[]))", run_ids, "run_id").values()
             for r in rs}
-    results = _rows_by(store, "SELECT * FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
+    results = _rows_by(store, f"SELECT {ROW_COLUMNS} FROM results WHERE run_id IN (SELECT unnest(?::VARCHAR[])) "
                               "ORDER BY condition, task", run_ids, "run_id")
     # An entry whose latest run failed shows that failure, not an older run's scores.
     failed_ids = [e.run_id for es in [ranked, *split_ranked.values()] for e in es if e.status != "ok"]
@@ -274,20 +275,10 @@ def leaderboard_table(s: SuitePages) -> Table:
                 *[score(e.scores.get(t)) for t in s.tasks],
                 *[score(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
                 score(e.average), score(e.normalized),
-                text(e.data_access), text(e.output_kind), seconds(e.fusion_seconds),
+                text(e.data_access_shown), text(e.output_kind), seconds(e.fusion_seconds),
                 mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
 
     return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))
-
-
-METRIC_HINTS = {"accuracy": "accuracy (%)", "exact_match": "exact match (%)", "spearman": "Spearman rho x 100",
-                "miou": "mean IoU (%)", "pixel_accuracy": "pixel accuracy (%)",
-                "abs_err": "absolute error x 100, lower is better", "rel_err": "relative error x 100, lower is better",
-                "mean_angle": "mean angular error (degrees), lower is better"}
-
-
-def metric_hint(metric: str | None) -> str:
-    return METRIC_HINTS.get(metric or "accuracy", metric or "")
 
 
 def robustness_table(s: SuitePages) -> Table:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import FbhError
+from harness.metrics import DEFAULT_METRIC, MetricName
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -71,12 +72,7 @@ class FamilySpec(Strict):
     allow_pickle: bool = Field(False, description="opt in to loading non-safetensors checkpoints")
 
 
-Metric = Literal["accuracy", "exact_match", "spearman", "miou", "pixel_accuracy", "abs_err", "rel_err", "mean_angle"]
-LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mean_angle"})  # errors; every other metric is a score
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric not in LOWER_IS_BETTER
+Metric = MetricName  # harness.metrics registers each one's direction, aggregation and display
 
 
 class TaskSpec(Strict):
@@ -90,7 +86,7 @@ class TaskSpec(Strict):
     split: str = "test"
     validation_split: str | None = "validation"
     train_split: str | None = "train"
-    metric: Metric = Field("accuracy", description="the primary metric: the one averages and rankings use")
+    metric: Metric = Field(DEFAULT_METRIC, description="the primary metric: the one averages and rankings use")
     extra_metrics: list[Metric] = Field(default_factory=list, max_length=MAX_LIST,
                                         description="further metrics stored and shown per task, e.g. pixel accuracy")
     max_examples: int | None = Field(None, gt=0, le=10_000_000)
@@ -231,6 +227,8 @@ class SubmissionSpec(Strict):
     grid: dict[str, GridValue] = Field(default_factory=dict,
                                        description="values to select on the validation split")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    seeds: list[int] | None = Field(None, min_length=1, max_length=10,
+                                    description="run once per seed; the leaderboard shows mean and std over them")
     suites: list[str] | None = Field(None, max_length=MAX_LIST)
 
     @field_validator("url")
@@ -261,8 +259,21 @@ class SubmissionSpec(Strict):
                              f"{MAX_GRID_POINTS} are allowed: search fewer values")
         return grid
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(set(v)) != len(v) or any(not 0 <= s <= 2**31 - 1 for s in v)):
+            raise ValueError("seeds must be distinct integers from 0 to 2**31 - 1")
+        return v
+
+    def run_seeds(self) -> list[int]:
+        """The seeds the submission runs with: `seeds`, else its one `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
     @model_validator(mode="after")
     def _grid_disjoint(self) -> "SubmissionSpec":
+        if self.seeds is not None and "seed" in self.model_fields_set:
+            raise ValueError("give seed or seeds, not both")
         both = sorted(set(self.params) & set(self.grid))
         if both:
             raise ValueError(f"{both} appear in both params and grid; give each hyperparameter once")
@@ -426,8 +437,76 @@ def parse(model: type[BaseModel], data: dict[str, Any], file: str, what: str):
         raise validation_error(exc, file, what) from None
 
 
+MAX_INCLUDE_DEPTH = 8
+MAX_INCLUDES = 1000  # files read through include: for one spec (a 20-task suite reads 20)
+
+
+def with_includes(data: Any, file: Path, root: Path | None = None, loc: str = "", chain: tuple = (),
+                  reads: list | None = None) -> Any:
+    """`data` with every `include: FILE` (or a list of files) expanded, at any level: a mapping is the
+    included files' mappings merged in order, then its own keys over them (mappings merge key by key,
+    anything else is replaced), as lm-evaluation-harness's task `include:`. FILE is relative to the file
+    that names it and must stay inside the top-level spec's folder (root)."""
+    root = root or Path(file).resolve().parent
+    reads = [] if reads is None else reads
+    if isinstance(data, list):
+        return [with_includes(v, file, root, f"{loc}[{i}]", chain, reads) for i, v in enumerate(data)]
+    if not isinstance(data, dict):
+        return data
+    own = {k: with_includes(v, file, root, f"{loc}.{k}" if loc else str(k), chain, reads)
+           for k, v in data.items() if k != "include"}
+    if "include" not in data:
+        return own
+    field = f"{loc}.include" if loc else "include"
+    names = data["include"] if isinstance(data["include"], list) else [data["include"]]
+    merged: dict = {}
+    for name in names:
+        merged = _merged(merged, _included(name, Path(file), root, field, chain, reads))
+    return _merged(merged, own)
+
+
+def _included(name: Any, file: Path, root: Path, field: str, chain: tuple, reads: list) -> dict:
+    if not isinstance(name, str) or not name:
+        raise FbhError(f"include must name a file (got {name!r:.60})", file=str(file), field=field,
+                       fix="write include: path/to/file.yaml, relative to this file")
+    target = (file.resolve().parent / name).resolve()
+    if not target.is_relative_to(root):
+        raise FbhError(f"included file {name} is outside the suites folder {root}", file=str(file), field=field,
+                       fix="keep included files inside the folder of the suite that includes them")
+    if target in chain or len(chain) >= MAX_INCLUDE_DEPTH:
+        what = "includes itself" if target in chain else f"nests includes deeper than {MAX_INCLUDE_DEPTH}"
+        raise FbhError(f"{name} {what}", file=str(file), field=field, fix="remove the circular or deep include")
+    if not target.is_file():
+        raise FbhError(f"included file {name} not found (looked for {target})", file=str(file), field=field,
+                       fix="restore the file, or copy the suite together with the files it includes")
+    reads.append(target)
+    if len(reads) > MAX_INCLUDES:
+        raise FbhError(f"more than {MAX_INCLUDES} files included", file=str(file), field=field,
+                       fix="include each shared file once per suite")
+    return with_includes(read_yaml(target), target, root, "", (*chain, target), reads)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
+def included_files(path: Path) -> list[Path]:
+    """Every file a suite file includes, directly or not."""
+    reads: list[Path] = []
+    with_includes(read_yaml(path), Path(path), reads=reads)
+    return reads
+
+
+def read_suite_yaml(path: Path) -> dict[str, Any]:
+    """A suite file's fields with its includes expanded (not yet validated)."""
+    return with_includes(read_yaml(path), Path(path))
+
+
 def load_suite(path: Path) -> SuiteSpec:
-    suite = parse(SuiteSpec, read_yaml(path), str(path), "suite")
+    suite = parse(SuiteSpec, read_suite_yaml(path), str(path), "suite")
     check_refs_stay_inside(suite, Path(path))
     check_published_rows(suite, Path(path))
     check_settings_are_distinct(suite, Path(path))

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import duckdb
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
@@ -77,7 +77,9 @@ CREATE TABLE IF NOT EXISTS runs (
     fingerprint VARCHAR,              -- the suite fingerprint the run was computed on
     inputs JSON,                      -- reference -> content identity (zoo digest, hub commit, file digest)
     job JSON,                         -- the planned job, so `fbh reproduce` can run it again
-    superseded BOOLEAN DEFAULT false  -- a later run of the same entry replaced it on the leaderboard
+    superseded BOOLEAN DEFAULT false, -- a later run of the same entry replaced it on the leaderboard
+    data_access_verified BOOLEAN,     -- false: the fused result came back as code, so the data it read is unproven
+    example_limit INTEGER             -- a smoke run (fbh submit --limit): scored on this many examples per task
 );
 CREATE TABLE IF NOT EXISTS results (
     run_id VARCHAR NOT NULL,
@@ -89,7 +91,8 @@ CREATE TABLE IF NOT EXISTS results (
     value DOUBLE NOT NULL,
     n INTEGER,
     ci_low DOUBLE,
-    ci_high DOUBLE
+    ci_high DOUBLE,
+    replicates FLOAT[]                -- the value on each bootstrap resample (harness.evaluate): paired across entries
 );
 CREATE INDEX IF NOT EXISTS runs_key ON runs (run_key);
 CREATE INDEX IF NOT EXISTS results_run ON results (run_id);
@@ -99,8 +102,11 @@ RUN_COLUMNS = ["run_id", "run_key", "kind", "label", "submission", "suite", "set
                "error", "params", "grid", "data_access", "output_kind", "n_parameters", "seed", "device",
                "code_version", "git_commit", "packages", "source", "tolerance", "started_at", "finished_at",
                "fusion_seconds", "eval_seconds", "peak_memory_bytes", "fingerprint", "inputs", "job",
-               "superseded"]
-RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high"]
+               "superseded", "data_access_verified", "example_limit"]
+RESULT_COLUMNS = ["task", "task_split", "condition", "severity", "metric", "value", "n", "ci_low", "ci_high",
+                  "replicates"]
+# What a reader of result rows wants, without the replicates' thousand floats a row.
+ROW_COLUMNS = ", ".join(["run_id", *RESULT_COLUMNS[:-1]])
 JSON_COLUMNS = {"params", "grid", "packages", "inputs", "job"}
 # Columns each schema version added, so an older database is brought up to date in place.
 MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
@@ -109,7 +115,10 @@ MIGRATIONS = {2: ["ALTER TABLE suites ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN fingerprint VARCHAR",
                   "ALTER TABLE runs ADD COLUMN inputs JSON",
                   "ALTER TABLE runs ADD COLUMN job JSON",
-                  "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"]}
+                  "ALTER TABLE runs ADD COLUMN superseded BOOLEAN DEFAULT false"],
+              3: ["ALTER TABLE runs ADD COLUMN data_access_verified BOOLEAN",
+                  "ALTER TABLE runs ADD COLUMN example_limit INTEGER",
+                  "ALTER TABLE results ADD COLUMN replicates FLOAT[]"]}
 
 
 def now() -> datetime:
@@ -148,6 +157,8 @@ class Run:
     inputs: dict | None = None
     job: dict | None = None
     superseded: bool = False
+    data_access_verified: bool | None = None  # None: no method ran (references, published rows)
+    example_limit: int | None = None
     run_id: str = field(default_factory=lambda: f"r{int(time.time() * 1e6):x}{random.getrandbits(32):08x}")
 
     def values(self) -> list[Any]:
@@ -327,7 +338,7 @@ class Store:
     def write_run(self, run: Run, rows: list[dict[str, Any]], replace_key: bool = True) -> None:
         """Insert a run and its results atomically. An earlier run with the same key is replaced, except
         that a failed run never deletes a completed one: it is kept, marked superseded. A submission's or
-        reference's run supersedes the earlier runs of the same entry (suite, setting, fingerprint) under
+        reference's run supersedes the earlier runs of the same entry (suite, setting, fingerprint, example limit) under
         other keys, e.g. of the submission before it changed: they stay stored, off the leaderboard."""
         with self.transaction() as con:
             if replace_key:
@@ -340,8 +351,10 @@ class Store:
                 con.execute("UPDATE runs SET superseded = true WHERE run_key = ?", [run.run_key])
             if run.kind in ("submission", "reference"):
                 con.execute("UPDATE runs SET superseded = true WHERE kind = ? AND label = ? AND suite = ? "
-                            "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ?",
-                            [run.kind, run.label, run.suite, run.setting, run.fingerprint])
+                            "AND setting = ? AND fingerprint IS NOT DISTINCT FROM ? "
+                            "AND example_limit IS NOT DISTINCT FROM ? AND seed IS NOT DISTINCT FROM ?",
+                            [run.kind, run.label, run.suite, run.setting, run.fingerprint, run.example_limit,
+                             run.seed])
             con.execute(f"INSERT INTO runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                         run.values())
             if rows:
@@ -349,6 +362,18 @@ class Store:
                     f"INSERT INTO results (run_id, {', '.join(RESULT_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * (len(RESULT_COLUMNS) + 1))})",
                     [[run.run_id] + [r.get(c) for c in RESULT_COLUMNS] for r in rows])
+
+    def supersede_other_seeds(self, submission: str, suite: str, fingerprint: str | None, limit: int | None,
+                              seeds: list[int]) -> None:
+        """A submission's runs of seeds it no longer lists leave the leaderboard (kept, marked superseded);
+        nothing is written when there are none, so a cached re-submit stays read-only."""
+        where = ("kind = 'submission' AND label = ? AND suite = ? AND fingerprint IS NOT DISTINCT FROM ? "
+                 "AND example_limit IS NOT DISTINCT FROM ? AND NOT coalesce(superseded, false) "
+                 "AND seed NOT IN (SELECT unnest(?::INTEGER[]))")
+        params = [submission, suite, fingerprint, limit, seeds]
+        if self.query(f"SELECT 1 FROM runs WHERE {where} LIMIT 1", params):
+            with self.transaction() as con:
+                con.execute(f"UPDATE runs SET superseded = true WHERE {where}", params)
 
     # -- reads -------------------------------------------------------------------
     def completed_run(self, run_key: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ Also checks the GitHub workflows parse and keep untrusted code away from secrets
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -114,14 +115,24 @@ def test_workflows_parse_and_isolate_untrusted_code():
     pr = yaml.safe_load((REPO / ".github" / "workflows" / "pr.yml").read_text())
     triggers = pr[True] if True in pr else pr["on"]  # YAML 1.1 reads the key `on` as a boolean
     assert set(triggers) == {"pull_request"}  # never pull_request_target: forks' code must not see secrets
-    assert set(triggers["pull_request"]["paths"]) >= {"methods/**", "submissions/**", "harness/**"}
+    assert not (triggers["pull_request"] or {}).get("paths")  # every PR runs the tests, whatever it touches
     assert pr["permissions"] == {"contents": "read"}
     text = (REPO / ".github" / "workflows" / "pr.yml").read_text()
-    assert "${{ secrets" not in text and 'fbh ci --base "origin/$BASE_REF"' in text
-    pr_steps = [s for job in pr["jobs"].values() for s in job["steps"]]
+    assert "${{ secrets" not in text
+    jobs = pr["jobs"]
+    runs = lambda job: " ".join(s.get("run", "") for s in jobs[job]["steps"])
+    assert ".ci/run" in runs("tests")
+    assert 'fbh ci --base "origin/$BASE_REF" --fuse-only --out fused' in runs("fuse")
+    assert "fbh ci --evaluate fused" in runs("evaluate") and jobs["evaluate"]["needs"] == "fuse"
+    # the evaluating job runs main's code on the fused tensors, never the PR's
+    [checkout] = [s for s in jobs["evaluate"]["steps"] if s.get("uses", "").startswith("actions/checkout")]
+    assert checkout["with"]["ref"] == "${{ github.event.pull_request.base.sha }}"
+    assert 'fbh" ci --base "origin/$BASE_REF" --tier gpu' in runs("gpu-tier") and 'rm -rf "$JOB_DIR"' in runs("gpu-tier")
+    pr_steps = [s for job in jobs.values() for s in job["steps"]]
     assert not [s["run"] for s in pr_steps if "${{" in s.get("run", "")]  # expressions reach scripts via env
-    # PR code reads main's caches (results, exported zoo) but can never write one.
-    assert not [s["uses"] for s in pr_steps if s.get("uses", "").startswith("actions/cache@")]
+    # PR code reads main's caches (results, exported zoo) but can never write one, nor a pip cache.
+    assert not [s["uses"] for s in pr_steps if s.get("uses", "").startswith(("actions/cache@", "actions/cache/save"))]
+    assert not [s for s in pr_steps if (s.get("with") or {}).get("cache")]
     assert any("fbh zoo import" in s.get("run", "") for s in pr_steps)
     site = yaml.safe_load((REPO / ".github" / "workflows" / "site.yml").read_text())
     triggers = site[True] if True in site else site["on"]
@@ -131,3 +142,55 @@ def test_workflows_parse_and_isolate_untrusted_code():
     assert "fbh site build" in (REPO / ".github" / "workflows" / "site.yml").read_text()
     assert "fbh zoo export tiny-vision zoo-tiny-vision.tar.gz" in (REPO / ".github" / "workflows" / "site.yml").read_text()
     assert "fbh reproduce --sample" in (REPO / ".github" / "workflows" / "site.yml").read_text()
+
+
+MODULE_METHOD = '''\
+"""Test-only method that returns a module of its own (as mixing methods do). arXiv:2212.04089"""
+
+from harness.api import FusionContext, method
+from harness.registry import NoParams
+
+
+@method("base_as_module", params=NoParams, category="mixing", output="larger")
+def base_as_module(ctx: FusionContext, params: NoParams):
+    return ctx.module(ctx.base)
+'''
+
+
+@pytest.mark.slow
+def test_split_ci_fuses_with_the_prs_code_and_evaluates_with_the_trusted_harness(fbh_env, pr_repo, tmp_path):
+    """`--fuse-only` (the PR's code) writes tensors and a manifest and stores nothing; `--evaluate`
+    (this checkout's harness, outside the PR's tree) scores them exactly as plain `fbh ci` does, and
+    refuses to load a result that is code, reporting it as data access not verified."""
+    (pr_repo / "methods" / "base_as_module.py").write_text(MODULE_METHOD)
+    (pr_repo / "submissions" / "base_module.yaml").write_text("name: base-module\nmethod: base_as_module\n")
+    git(pr_repo, "add", "-A")
+    git(pr_repo, "commit", "-qm", "a method whose result is a module")
+    fused = tmp_path / "fused"
+    proc = fbh_ci(pr_repo, "--base", "HEAD~2", "--fuse-only", "--out", str(fused), "--quiet")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # doubled-bad's unknown param
+    assert "params.alpha" in proc.stderr and "Traceback" not in proc.stderr
+    entries = json.loads((fused / "manifest.json").read_text())["entries"]
+    doubled = [e for e in entries if e.get("name") == "doubled"]
+    assert {e["job"]["setting"] for e in doubled} == {"all", "two-seen"}
+    assert all((fused / e["dir"] / "fused.safetensors").is_file() and e["verified"] for e in doubled)
+    assert not list(fused.rglob("*.duckdb"))
+
+    trusted_db, report = tmp_path / "trusted.duckdb", tmp_path / "report.md"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "ci", "--evaluate", str(fused), "--db",
+                           str(trusted_db), "--report", str(report), "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    text = report.read_text()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # doubled-bad
+    assert "| **doubled** (this PR) |" in text and "| all | ok |" in text
+    assert "base-module on tiny-small/all: data access not verified" in text
+    plain_db = tmp_path / "plain.duckdb"
+    fbh_ci(pr_repo, "--base", "HEAD~2", "--db", str(plain_db), "--report", str(tmp_path / "plain.md"), "--quiet")
+    query = ("SELECT setting, task, condition, metric, value FROM runs JOIN results USING (run_id) "
+             "WHERE label = 'doubled' ORDER BY ALL")
+    assert Store(trusted_db).query(query) == Store(plain_db).query(query) != []
+    verified = Store(trusted_db).query("SELECT DISTINCT data_access_verified AS v FROM runs WHERE label = 'doubled'")
+    assert verified == [{"v": True}]
+    assert Store(plain_db).query("SELECT DISTINCT data_access_verified AS v FROM runs WHERE label = 'base-module'"
+                                 ) == [{"v": False}]

@@ -46,8 +46,9 @@ def test_submit_stores_complete_runs_and_leaderboard(fbh_env):
     # Re-submitting unchanged work recomputes nothing.
     again = fbh("submit", str(REPO / "submissions" / "task_arithmetic.yaml"), "--db", str(db))
     assert again.exit_code == 0
-    statuses = [line.split()[0] for line in again.output.splitlines() if line.strip()]
-    assert statuses == ["cached"] * 5  # 3 references + 2 settings
+    head, rule, *lines = [line for line in again.output.splitlines() if line.strip()]
+    assert head.split()[:4] == ["status", "suite", "setting", "entry"] and set(rule) <= {"-", " "}
+    assert [line.split()[0] for line in lines] == ["cached"] * 5  # 3 references + 2 settings
     assert store.counts()["runs"] == len(runs)
 
     board = fbh("leaderboard", "--suite", "tiny-small", "--db", str(db), "--format", "json")
@@ -57,7 +58,7 @@ def test_submit_stores_complete_runs_and_leaderboard(fbh_env):
     stl = data["entries"][1]
     assert stl["normalized"] == pytest.approx(100.0)
     csv_out = fbh("leaderboard", "--suite", "tiny-small", "--db", str(db), "--format", "csv").output
-    assert csv_out.splitlines()[0].startswith("kind,label,digits")
+    assert csv_out.splitlines()[0].startswith("rank,kind,label,method,digits")
 
 
 def test_ensemble_and_grid_search(fbh_env, write_yaml):

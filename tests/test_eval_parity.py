@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from conftest import REPO, save_random_image_datasets
+from harness.spec import read_suite_yaml
 from test_families import byte_vocab, perturbed, save_text_dataset, write_suite
 from test_nyuv2 import N as NYUV2_N, nyuv2_env  # noqa: F401 -- the tiny dilated ResNet suite fixture
 
@@ -34,7 +34,7 @@ ATOL = 1e-5
 
 
 def shipped_task(suite: str, task: str) -> dict:
-    spec = yaml.safe_load((REPO / "suites" / f"{suite}.yaml").read_text())
+    spec = read_suite_yaml(REPO / "suites" / f"{suite}.yaml")
     return next(t for t in spec["tasks"] if t["name"] == task)
 
 

@@ -41,6 +41,7 @@ import torch
 import yaml
 
 from conftest import REPO, save_random_image_datasets
+from harness.spec import read_suite_yaml
 
 pytestmark = pytest.mark.openclip
 
@@ -75,7 +76,7 @@ def importable_openclip_taskpool() -> None:
 
 
 def shipped_task(task: str) -> dict:
-    spec = yaml.safe_load((REPO / "suites" / "openclip-vit-b-32-8tasks.yaml").read_text())
+    spec = read_suite_yaml(REPO / "suites" / "openclip-vit-b-32-8tasks.yaml")
     return next(t for t in spec["tasks"] if t["name"] == task)
 
 

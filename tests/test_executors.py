@@ -82,10 +82,10 @@ def test_submit_cli_takes_an_executor(fbh_env, local_rows, tmp_path):
     shutil.copy(fbh_env / "exec-local.duckdb", db)  # references stored; --force reruns only the submission
     res = CliRunner().invoke(main, ["submit", str(REPO / "submissions" / "simple_average.yaml"), "--db", str(db),
                                     "--force", "--executor", "submitit-local", "--jobs-per-task", "8",
-                                    "--submitit-folder", str(tmp_path / "logs"), "--quiet"],
+                                    "--submitit-folder", str(tmp_path / "logs"), "--quiet", "--json"],
                              catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    statuses = sorted(line.split()[0] for line in res.output.splitlines() if line.strip())
+    statuses = sorted(o["status"] for o in json.loads(res.stdout)["outcomes"])
     assert statuses == ["cached"] * 3 + ["ok"] * 2
     assert len(list((tmp_path / "logs").glob("*_log.out"))) == 1
     assert {r["device"].split(":")[0] for r in Store(db).query("SELECT device FROM runs WHERE kind != 'published'")} \

@@ -3,6 +3,7 @@ unavailable ones stop `fbh submit` with a clear message, or are skipped among ot
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -59,7 +60,8 @@ def test_suite_files_match_the_catalog(tmp_path):
     pytest.importorskip("fusion_bench", reason="the catalog reads class names and templates from fusion-bench")
     from harness.families.catalog import write_all
     for path in write_all(tmp_path):
-        assert path.read_text() == (REPO / "suites" / path.name).read_text(), f"regenerate {path.name}"
+        shipped = REPO / "suites" / path.relative_to(tmp_path)
+        assert path.read_text() == shipped.read_text(), f"regenerate {shipped}"
 
 
 def test_suites_list_reports_availability(tmp_path, monkeypatch, empty_hf_cache):
@@ -88,6 +90,7 @@ def test_unavailable_suite_is_a_clear_error_or_skipped(fbh_env, tmp_path, monkey
     cheap = small_suite_spec() | {"corruptions": [], "generalization": [], "references": {"computed": []}}
     (suites / "tiny-small.yaml").write_text(yaml.safe_dump(cheap))  # the session's zoo, fewest runs
     shutil.copy(REPO / "suites" / "clip-vit-b32-8tasks.yaml", suites)
+    shutil.copytree(REPO / "suites" / "_include", suites / "_include")  # the task files it includes
     monkeypatch.setenv("FBH_SUITES_DIR", str(suites))
     sub, db = str(REPO / "submissions" / "task_arithmetic.yaml"), str(tmp_path / "r.duckdb")
 
@@ -97,8 +100,8 @@ def test_unavailable_suite_is_a_clear_error_or_skipped(fbh_env, tmp_path, monkey
     assert "openai/clip-vit-base-patch32" in alone.output and "fix:" in alone.output
 
     both = CliRunner().invoke(main, ["submit", sub, "--suite", "clip-vit-b32-8tasks", "--suite", "tiny-small",
-                                     "--db", db])
+                                     "--db", db, "--json"])
     assert both.exit_code == 0, both.output
-    statuses = [(line.split()[0], line.split()[1]) for line in both.stdout.splitlines() if line.strip()]
+    statuses = [(o["status"], o["suite"]) for o in json.loads(both.stdout)["outcomes"]]
     assert statuses[0] == ("skipped", "clip-vit-b32-8tasks")
     assert ("ok", "tiny-small") in statuses or ("cached", "tiny-small") in statuses

@@ -35,6 +35,7 @@ def test_suite_without_open_clip_is_unavailable_with_the_install_command(tmp_pat
     from harness.families import OPENCLIP_INSTALL
     (tmp_path / "suites").mkdir()
     shutil.copy(REPO / "suites" / "openclip-vit-b-32-8tasks.yaml", tmp_path / "suites")
+    shutil.copytree(REPO / "suites" / "_include", tmp_path / "suites" / "_include")  # the task files it includes
     monkeypatch.setenv("FBH_SUITES_DIR", str(tmp_path / "suites"))
 
     listed = CliRunner().invoke(main, ["suites", "list"]).output

@@ -1,7 +1,7 @@
 """The paper's published rows, checked for arithmetic and provenance.
 
 Every suite's `references.published` rows are copied from FusionBench's tables by the catalog
-(harness/families/catalog.py, PAPER_TABLES). A typo in a copied number, a shifted column or a
+(harness/families/catalog.py, PAPER_TABLES, read from suites/_paper/*.csv). A typo in a copied number, a shifted column or a
 row filed under the wrong table would make the leaderboard compare against a number the paper
 never printed. Where the paper states an average, the copied per-task values must give it back
 to the paper's rounding; every row must name its table and be that table's row.
@@ -12,11 +12,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import yaml
 
 from conftest import REPO
-from harness.families.catalog import PAPER_TABLES, table_lines
-from harness.spec import SuiteSpec
+from harness.families.catalog import PAPER_TABLES
+from harness.spec import load_suite
 
 SUITE_FILES = sorted((REPO / "suites").glob("*.yaml"))
 # The paper prints one decimal: each copied value is within 0.05 of the true one, so their mean is
@@ -26,7 +25,7 @@ AVERAGE_SLACK = 0.05 + 0.05 + 1e-9
 
 def published_rows():
     for path in SUITE_FILES:
-        suite = SuiteSpec.model_validate(yaml.safe_load(path.read_text()))
+        suite = load_suite(path)
         for row in suite.references.published:
             yield pytest.param(suite, row, id=f"{suite.name}:{row.source}:{row.label}")
 
@@ -37,8 +36,8 @@ def test_every_shipped_suite_is_covered():
 
 @pytest.mark.parametrize("source", sorted(PAPER_TABLES))
 def test_stated_averages_equal_the_mean_of_the_copied_values(source):
-    columns, table = PAPER_TABLES[source]
-    for label, values in table_lines(table):
+    columns, lines = PAPER_TABLES[source]
+    for label, values in lines:
         assert len(values) == len(columns), f"{source} '{label}': {len(values)} values for {len(columns)} columns"
         if "avg" not in columns:
             continue  # the paper's Avg. column was not copied for this table: nothing stated to check
@@ -63,7 +62,7 @@ def test_published_row_is_its_source_tables_row(suite, row):
     assert set(row.values) <= tasks and "avg" not in row.values  # an average is never ranked as a task
     assert set(row.extra_values) <= set(row.values)
     columns, table = PAPER_TABLES[row.source]
-    lines = dict(table_lines(table))
+    lines = dict(table)
     assert row.label in lines, f"'{row.label}' is not a row of {row.source}"
     stated = [v for c, v in zip(columns, lines[row.label]) if c != "avg"]
     copied = list(row.values.values()) + [v for extra in row.extra_values.values() for v in extra.values()]

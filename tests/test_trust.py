@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import SMALL_TASKS, small_suite_spec
 from harness.cli import main
 from harness.digests import CorruptFile
-from harness.store import Store
+from harness.store import SCHEMA_VERSION, Store
 
 
 def cli(*args):
@@ -390,7 +390,8 @@ def test_old_databases_migrate_and_newer_ones_are_refused(tmp_path):
     con.close()
     store = Store(path)
     assert {"fingerprint", "inputs", "job", "superseded"} <= {r["column_name"] for r in store.query("DESCRIBE runs")}
-    assert store.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == "2"
+    assert "replicates" in {r["column_name"] for r in store.query("DESCRIBE results")}
+    assert store.query("SELECT value FROM meta WHERE key = 'schema_version'")[0]["value"] == str(SCHEMA_VERSION)
     assert store.completed_keys(["k1"]) == {"k1"}  # old runs kept, not superseded, fingerprint unknown
     con = duckdb.connect(str(path))
     con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")

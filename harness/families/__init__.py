@@ -51,7 +51,7 @@ class Family(Protocol):
 
     # Optional hooks, looked up by harness.evaluate:
     #   predict(predictor, task, inputs, batch_size) -> outputs    when outputs are not one pass of
-    #       logits (generated text); combine members with harness.evaluate.combine
+    #       logits (generated text); combine members with harness.predictor.combine
     #   statistic(task, outputs, targets) -> (index sample -> value) | None    for corpus-level
     #       metrics (Spearman, mIoU), in reported units; None falls back to the mean of score()
     #   metric_statistic(task, metric, outputs, targets) -> (index sample -> value)    for a task's

@@ -8,6 +8,7 @@ from the FusionBench paper (arXiv:2406.03280), each with its table number.
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -60,6 +61,20 @@ GENERALIZATION = [  # the paper's two seen/unseen splits for CLIP-ViT-B/32
 ]
 
 
+SUITES = Path(__file__).resolve().parents[2] / "suites"
+CLIP_TASK_DIR = "_include/clip-tasks"  # one file per CLIP task, included by every suite that evaluates it
+PAPER_DIR = SUITES / "_paper"          # the paper's tables, one CSV each
+
+
+def clip_task_include(name: str) -> dict:
+    return {"include": f"{CLIP_TASK_DIR}/{name}.yaml"}
+
+
+def clip_task(name: str) -> dict:
+    """A CLIP task's fields as its include file holds them."""
+    return yaml.safe_load((SUITES / CLIP_TASK_DIR / f"{name}.yaml").read_text())
+
+
 def clip_classes_and_templates(task: str) -> tuple[list[str], list[str]]:
     """From fusion_bench.tasks.clip_classification: templates are lambdas; calling them with
     '{c}' turns each back into the string form the suite stores."""
@@ -71,7 +86,7 @@ def clip_classes_and_templates(task: str) -> tuple[list[str], list[str]]:
     return classes, templates
 
 
-def clip_task(name: str) -> dict:
+def clip_task_from_fusion_bench(name: str) -> dict:
     dataset, config, split, label, image = CLIP_DATASETS[name]
     classes, templates = clip_classes_and_templates(name)
     task = {"name": name, "dataset": dataset}
@@ -96,7 +111,7 @@ def clip_suite(prefix: str, set_name: str, tasks: list[str], **extra) -> dict:
                        "encoder is fused.",
         "family": {"kind": "clip_vision", "base": base, "heads": "zero_shot",
                    "experts": {t: f"{expert_prefix}_{t}" for t in tasks}},
-        "tasks": [clip_task(t) for t in tasks],
+        "tasks": [clip_task_include(t) for t in tasks],
         "eval_batch_size": 128,
         **extra,
     }
@@ -130,7 +145,7 @@ def openclip_suite(prefix: str) -> dict:
         "family": {"kind": "open_clip_vision", "base": base, "heads": "zero_shot",
                    "experts": {t: f"{OPENCLIP_CHECKPOINTS}/{arch}/{OPENCLIP_DIRS[t]}/finetuned.safetensors"
                                for t in tasks}},
-        "tasks": [clip_task(t) for t in tasks],
+        "tasks": [clip_task_include(t) for t in tasks],
         "eval_batch_size": 128,
         # The paper lists these models (Table 2) but publishes no OpenCLIP numbers: no published rows.
         "references": {"computed": ["pretrained", "stl"]},
@@ -185,105 +200,43 @@ def flan_t5_suite(size: str, lora: bool) -> dict:
 
 # ----------------------------------------------------------------------------- published rows
 
-def rows(source: str, tasks: list[str], table: str, tolerance: float = 0.5, **extra) -> list[dict]:
-    """Parse 'Label | v1 v2 ...' lines (the paper's order of tasks) into published rows."""
-    out = []
-    for label, nums in table_lines(table):
-        if len(nums) != len(tasks):  # a copied column too many or too few would shift every value after it
-            raise ValueError(f"{source}, row '{label}': {len(nums)} values for {len(tasks)} columns {tasks}")
-        out.append({"label": label.strip(), "source": source, "tolerance": tolerance,
-                    "values": dict(zip(tasks, nums)), **extra})
-    return out
+def rows(source: str, tolerance: float = 0.5, **extra) -> list[dict]:
+    """The published rows of one of the paper's tables (PAPER_TABLES), values keyed by its columns."""
+    columns, lines = PAPER_TABLES[source]
+    return [{"label": label, "source": source, "tolerance": tolerance, "values": dict(zip(columns, nums)), **extra}
+            for label, nums in lines]
 
 
-def table_lines(table: str) -> list[tuple[str, list[float]]]:
-    """(label, values) per line of a copied table."""
-    out = []
-    for line in table.strip().splitlines():
-        label, values = line.split("|")
-        out.append((label.strip(), [float(v) for v in values.split()]))
-    return out
+def read_table(path: Path) -> tuple[list[str], list[tuple[str, list[float]]]]:
+    """(columns, [(row label, values)]) of a copied table: a CSV whose header is 'label' then the paper's
+    columns in its order; a row with a column too many or too few is refused (it would shift every value)."""
+    with path.open(newline="") as f:
+        header, *body = list(csv.reader(f))
+    columns = header[1:]
+    lines = []
+    for label, *values in body:
+        if len(values) != len(columns):
+            raise ValueError(f"{path.name}, row '{label}': {len(values)} values for {len(columns)} columns {columns}")
+        lines.append((label, [float(v) for v in values]))
+    return columns, lines
 
 
-PAPER_8 = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
-TABLE_3 = """
-Pre-trained | 63.2 59.8 60.7 46.0 31.6 32.5 48.2 43.9
-Fine-tuned (STL) | 75.0 78.3 95.2 99.0 97.3 98.9 99.6 79.7
-Weight Averaging | 65.4 62.6 70.8 76.9 64.5 54.9 86.3 50.9
-Fisher Merging | 66.7 64.0 72.2 91.6 69.0 64.3 83.5 53.7
-RegMean | 67.8 68.9 82.5 94.4 90.6 79.2 97.6 63.2
-Task Arithmetic | 57.1 55.7 64.9 76.7 77.9 68.5 96.1 47.2
-Ties-Merging | 67.1 64.2 74.1 76.8 77.7 69.4 94.1 54.0
-task-wise AdaMerging | 58.6 56.9 69.8 82.4 70.3 58.9 97.2 55.3
-layer-wise AdaMerging | 67.9 71.3 83.5 92.7 87.4 92.9 98.2 67.0
-WEMoE (Model Mixing) | 73.7 76.8 93.4 98.2 96.8 98.2 99.6 76.6
-"""
-TABLE_14 = """
-Pre-trained | 68.3 77.8 71.0 58.9 58.4 50.6 76.4 55.5
-Fine-tuned (STL) | 82.8 92.9 97.4 99.2 97.9 99.2 99.8 85.5
-Weight Averaging | 72.5 81.5 82.2 90.0 81.6 74.0 96.6 61.8
-Fisher Merging | 70.6 79.4 84.1 98.1 74.7 85.0 89.5 61.0
-RegMean | 75.3 88.4 90.0 97.1 95.9 92.4 98.5 72.6
-Task Arithmetic | 72.0 79.0 80.5 86.0 87.5 83.5 98.0 58.8
-Ties-Merging | 74.7 83.3 86.4 91.3 89.7 85.2 97.8 63.9
-task-wise AdaMerging | 75.8 80.1 77.2 83.6 68.4 93.5 93.1 69.0
-layer-wise AdaMerging | 78.1 90.7 90.8 96.5 94.8 97.5 98.6 81.3
-WEMoE (Model Mixing) | 81.5 92.3 96.5 98.8 97.6 99.4 99.6 84.5
-"""
-TABLE_5_TASKS = ["sun397", "stanford-cars", "resisc45", "dtd", "svhn", "gtsrb", "avg", "mnist", "eurosat"]
-TABLE_5 = """
-Pre-trained | 63.2 59.9 60.6 43.9 23.5 30.4 46.9 47.6 45.6
-Fisher Merging | 65.5 67.2 78.2 57.6 84.2 75.9 71.4 71.8 49.4
-RegMean | 68.7 70.0 86.5 65.9 93.9 86.7 78.6 82.2 49.3
-Task Arithmetic | 64.3 63.0 73.2 54.9 84.7 79.5 69.9 75.5 42.6
-Ties-Merging | 68.3 65.5 76.9 54.9 75.4 72.0 68.9 73.1 47.3
-AdaMerging | 68.4 71.9 87.9 69.1 92.2 93.8 80.5 77.7 47.3
-WEMoE | 75.4 77.5 94.3 77.0 96.8 98.7 86.6 78.3 44.0
-"""
-TABLE_16_TASKS = ["sun397", "stanford-cars", "gtsrb", "eurosat", "dtd", "mnist", "avg", "resisc45", "svhn"]
-TABLE_16 = """
-Pre-trained | 63.2 59.9 30.4 45.6 43.9 47.6 48.4 60.6 23.5
-Fisher Merging | 68.1 67.4 67.2 86.4 58.6 81.6 71.5 60.2 42.5
-RegMean | 69.4 70.5 86.9 97.0 67.1 98.3 81.5 50.2 51.5
-Task Arithmetic | 65.2 63.6 76.1 87.1 56.4 94.2 73.8 52.4 45.2
-Ties-Merging | 68.2 65.9 70.0 81.2 56.0 89.0 71.7 60.3 47.3
-AdaMerging | 69.8 72.4 95.5 95.1 70.7 98.1 83.6 48.7 60.7
-WEMoE | 74.3 78.1 98.8 98.7 75.1 99.5 87.4 47.3 51.3
-"""
-TABLE_6_TASKS = ["stanford-cars", "eurosat", "resisc45", "gtsrb"]
-TABLE_6_CLEAN = """
-Fisher Merging | 66.0 92.7 83.7 78.7
-RegMean | 72.1 97.5 88.9 93.9
-Task Arithmetic | 64.6 91.8 80.2 74.8
-Ties-Merging | 65.2 83.3 78.1 67.4
-AdaMerging | 75.2 94.3 87.6 96.7
-WEMoE | 77.4 98.9 94.4 99.0
-"""
+# Every copied table by the source its rows name ('avg' where the paper states an average: Tables 5 and 16
+# average the six seen tasks, the columns before it). The paper's other tables' Avg. columns are not
+# copied; tests/test_published_rows.py checks the stated ones.
+PAPER_TABLE_FILES = {
+    "FusionBench Table 3": "table-3.csv",
+    "FusionBench Table 4": "table-4.csv",
+    "FusionBench Table 5": "table-5.csv",
+    "FusionBench Table 6 (clean test set, lambda=0.3)": "table-6-clean.csv",
+    "FusionBench Table 12": "table-12.csv",
+    "FusionBench Table 13": "table-13.csv",
+    "FusionBench Table 14": "table-14.csv",
+    "FusionBench Table 15": "table-15.csv",
+    "FusionBench Table 16": "table-16.csv",
+}
+PAPER_TABLES = {source: read_table(PAPER_DIR / name) for source, name in PAPER_TABLE_FILES.items()}
 GPT2_TASKS = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2"]
-TABLE_12 = """
-Fine-tuned (STL) | 76.8 82.1 80.4 88.3 89.6 65.3 91.2
-Simple Average | 55.0 55.1 51.0 57.6 76.7 44.8 52.5
-Fisher Merging | 54.8 58.0 39.5 63.3 81.5 49.1 64.7
-RegMean | 61.7 70.4 65.4 69.7 78.8 56.0 79.7
-Task Arithmetic | 68.7 68.6 69.6 70.5 81.8 47.3 83.6
-Ties-Merging | 68.4 71.4 68.4 69.6 82.4 47.7 81.8
-"""
-TABLE_13 = """
-Pre-trained | 69.1 56.5 76.2 88.4 82.1 80.1 91.2 62.2
-Individual | 69.1 82.7 85.5 90.9 84.0 84.4 92.9 87.4
-Weight Averaging | 69.7 59.7 78.9 90.1 83.8 80.5 91.2 72.0
-Task Arithmetic | 68.8 55.2 78.7 89.8 83.7 79.1 91.5 72.4
-Ties-Merging | 68.3 56.3 79.4 89.8 83.7 79.4 91.6 71.2
-Layer-wise AdaMerging | 69.1 60.3 78.4 90.0 83.6 79.1 91.6 74.1
-"""
-TABLE_15 = """
-Pre-trained | 73.7 56.6 82.4 91.1 85.5 85.6 94.3 87.5
-Individual | 80.2 88.5 89.2 94.4 87.2 91.7 95.2 90.9
-Weight Averaging | 74.6 84.3 84.1 92.8 86.3 87.4 94.8 88.0
-Task Arithmetic | 76.9 85.4 85.3 93.9 85.8 88.1 95.2 87.8
-Ties-Merging | 77.1 85.1 86.3 93.9 86.0 87.7 95.1 88.0
-Layer-wise AdaMerging | 76.7 87.6 84.8 93.8 85.9 88.1 95.2 88.6
-"""
 
 
 # ----------------------------------------------------------------------------- NYUv2
@@ -296,36 +249,13 @@ Layer-wise AdaMerging | 76.7 87.6 84.8 93.8 85.9 88.1 95.2 88.6
 NYUV2_TASKS = {"segmentation": ("segmentation", "miou", ["pixel_accuracy"]),
                "depth": ("depth", "abs_err", ["rel_err"]),
                "normal": ("normal", "mean_angle", [])}
-# Table 4, the diagonal of its single-task block (each expert on its own task) and the merged rows:
-# mIoU, pixel accuracy, depth abs err, rel err, normal mean angle.
-TABLE_4 = """
-Fine-tuned (STL) | 52.0 73.8 42.5 17.7 24.7
-Weight Averaging | 39.0 67.0 55.1 22.7 30.4
-Task Arithmetic (lambda=0.3) | 33.6 63.3 56.3 23.2 31.3
-Ties-Merging (lambda=0.3) | 36.3 61.7 60.5 24.5 33.1
-"""
-
-
-# Every copied table by the source its rows name, with its columns in the paper's order ('avg' where the
-# paper states an average: Tables 5 and 16 average the six seen tasks, the columns before it). The paper's
-# other tables' Avg. columns are not copied; tests/test_published_rows.py checks the stated ones.
-NYUV2_COLUMNS = ["miou", "pixel_accuracy", "abs_err", "rel_err", "mean_angle"]
-PAPER_TABLES = {
-    "FusionBench Table 3": (PAPER_8, TABLE_3),
-    "FusionBench Table 4": (NYUV2_COLUMNS, TABLE_4),
-    "FusionBench Table 5": (TABLE_5_TASKS, TABLE_5),
-    "FusionBench Table 6 (clean test set, lambda=0.3)": (TABLE_6_TASKS, TABLE_6_CLEAN),
-    "FusionBench Table 12": (GPT2_TASKS, TABLE_12),
-    "FusionBench Table 13": (list(GLUE), TABLE_13),
-    "FusionBench Table 14": (PAPER_8, TABLE_14),
-    "FusionBench Table 15": (list(GLUE), TABLE_15),
-    "FusionBench Table 16": (TABLE_16_TASKS, TABLE_16),
-}
+# Table 4's rows are the diagonal of its single-task block (each expert on its own task) and the merged
+# rows: mIoU, pixel accuracy, depth abs err, rel err, normal mean angle.
 
 
 def nyuv2_rows() -> list[dict]:
     out = []
-    for row in rows("FusionBench Table 4", NYUV2_COLUMNS, TABLE_4):
+    for row in rows("FusionBench Table 4"):
         v = row["values"]
         out.append(row | {"values": {"segmentation": v["miou"], "depth": v["abs_err"], "normal": v["mean_angle"]},
                           "extra_values": {"segmentation": {"pixel_accuracy": v["pixel_accuracy"]},
@@ -364,23 +294,20 @@ def all_suites() -> list[dict]:
         for set_name, tasks in CLIP_TASK_SETS.items():
             extra: dict = {}
             if set_name == "8tasks" and prefix == "clip-vit-b32":
-                published = rows("FusionBench Table 3", PAPER_8, TABLE_3)
-                published += [without_avg(r) for r in rows("FusionBench Table 5", TABLE_5_TASKS, TABLE_5,
-                                                           split="exp1-table5")]
-                published += [without_avg(r) for r in rows("FusionBench Table 16", TABLE_16_TASKS, TABLE_16,
-                                                           split="exp2-table16")]
+                published = rows("FusionBench Table 3")
+                published += [without_avg(r) for r in rows("FusionBench Table 5", split="exp1-table5")]
+                published += [without_avg(r) for r in rows("FusionBench Table 16", split="exp2-table16")]
                 extra = {"generalization": GENERALIZATION, "references": {"computed": ["pretrained", "stl"],
                                                                           "published": published}}
             elif set_name == "8tasks" and prefix == "clip-vit-l14":
                 extra = {"references": {"computed": ["pretrained", "stl"],
-                                        "published": rows("FusionBench Table 14", PAPER_8, TABLE_14)}}
+                                        "published": rows("FusionBench Table 14")}}
             suites.append(clip_suite(prefix, set_name, tasks, **extra))
     suites.append(clip_suite(
         "clip-vit-b32", "robustness", ROBUSTNESS_TASKS,
         corruptions=[{"name": c, "severity": 3} for c in CORRUPTIONS],
         references={"computed": ["pretrained", "stl"],
-                    "published": rows("FusionBench Table 6 (clean test set, lambda=0.3)", TABLE_6_TASKS,
-                                      TABLE_6_CLEAN)}))
+                    "published": rows("FusionBench Table 6 (clean test set, lambda=0.3)")}))
     suites[-1]["description"] += (" Robustness: the seven corruptions applied by fbh (harness/corruptions.py) "
                                   "to the clean test sets at severity 3.")
     suites += [openclip_suite(prefix) for prefix in OPENCLIP_BACKBONES]
@@ -392,26 +319,43 @@ def all_suites() -> list[dict]:
         "family": {"kind": "gpt2_classification", "base": "gpt2",
                    "experts": {t: f"tanganke/gpt2_{t}" for t in GPT2_TASKS}},
         "tasks": [glue_task(t) for t in GPT2_TASKS],
-        "references": {"computed": ["stl"], "published": rows("FusionBench Table 12", GPT2_TASKS, TABLE_12)},
+        "references": {"computed": ["stl"], "published": rows("FusionBench Table 12")},
         "eval_batch_size": 64,
     })
-    for size, lora, table in [("base", False, None), ("base", True, ("FusionBench Table 13", TABLE_13)),
-                              ("large", True, ("FusionBench Table 15", TABLE_15))]:
+    for size, lora, table in [("base", False, None), ("base", True, "FusionBench Table 13"),
+                              ("large", True, "FusionBench Table 15")]:
         suite = flan_t5_suite(size, lora)
-        suite["references"] = {"computed": ["pretrained", "stl"],
-                               "published": rows(table[0], list(GLUE), table[1]) if table else []}
+        suite["references"] = {"computed": ["pretrained", "stl"], "published": rows(table) if table else []}
         suites.append(suite)
     suites.append(nyuv2_suite())
     return suites
 
 
 def write_all(out: Path) -> list[Path]:
+    """Write every suite file into `out`; the CLIP task files they include are written beside them from
+    fusion-bench when it is installed, else copied from this checkout's."""
     header = ("# Generated by `python -m harness.families.catalog` from FusionBench's ids, class names and\n"
-              "# templates (fusion-bench, MIT licence) and the paper's tables; regenerate rather than edit.\n")
-    paths = []
+              "# templates (fusion-bench, MIT licence) and the paper's tables (suites/_paper/); regenerate rather\n"
+              "# than edit.\n")
+    paths = write_clip_tasks(out)
     for suite in all_suites():
         path = out / f"{suite['name']}.yaml"
         path.write_text(header + yaml.safe_dump(suite, sort_keys=False, allow_unicode=True, width=120))
+        paths.append(path)
+    return paths
+
+
+def write_clip_tasks(out: Path) -> list[Path]:
+    import importlib.util
+    # an imported fusion_bench may carry no __spec__ (find_spec then raises), so look in sys.modules first
+    from_fusion_bench = "fusion_bench" in sys.modules or importlib.util.find_spec("fusion_bench") is not None
+    folder = out / CLIP_TASK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in CLIP_DATASETS:
+        task = clip_task_from_fusion_bench(name) if from_fusion_bench else clip_task(name)
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True, width=120))
         paths.append(path)
     return paths
 

@@ -29,6 +29,8 @@ ZERO_SHOT = "zero_shot"  # family.heads value: compute heads from the base CLIPM
 
 
 class ClipVisionFamily(FamilyBase):
+    HEAD_STATE = ("_heads", "_projection", "_scale")
+
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, Tensor] | None = None

@@ -20,9 +20,23 @@ from harness.paths import cache_dir
 from harness.sources import Resolver
 from harness.spec import SuiteSpec
 
+class NoFiles:
+    """The resolver of a fusion kit: a kit builds models and applies heads, it never opens a file."""
+
+    def __call__(self, ref: str, field: str = "") -> str:
+        raise PermissionError(f"the fusion process cannot open '{ref}': it holds no paths to the suite's files")
+
+    def eval_data(self, task: str, split: str, *args, **kwargs):
+        raise PermissionError(f"the fusion process cannot open the {split} split of '{task}': it holds no data "
+                              "beyond what the method declared")
+
+
 class FamilyBase:
     """The plumbing every family shares: the suite, its resolver and device, a template model of the
     base architecture loaded once, and building a runnable model from a state dict of it."""
+
+    # What logits() reads beyond the template once the heads are loaded: a fusion kit carries these only.
+    HEAD_STATE: tuple[str, ...] = ()
 
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         self.suite = suite
@@ -70,6 +84,28 @@ class FamilyBase:
             t = v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
             out[k] = t.clone() if copy and t is v else t
         return out
+
+    def load_heads(self) -> None:
+        """Load every task's head, so the heads travel in a fusion kit (families with heads say how)."""
+        if self.HEAD_STATE:
+            for task in self.suite.task_names:
+                self.head(task)
+
+    def fusion_kit(self) -> "FamilyBase":
+        """A copy of this family for the fusion process: it builds models (the template) and applies
+        task heads, and holds nothing else, no resolver, no suite file, no data caches, so a method
+        handed its build or logits cannot reach an evaluation set through it."""
+        template = self.template()
+        for holder in (template, getattr(template, "config", None)):  # transformers records the zoo folder it read
+            if hasattr(holder, "name_or_path"):
+                holder.name_or_path = ""
+        self.load_heads()
+        kit = object.__new__(type(self))
+        kept = ("suite", "device", "dtype", "_template", *self.HEAD_STATE)
+        kit.__dict__.update({k: self.__dict__[k] for k in kept})
+        kit.resolve, kit.suite_file = NoFiles(), None
+        kit.eval_data = kit.resolve.eval_data
+        return kit
 
     def build(self, state):
         """A runnable model that holds `state`'s tensors themselves (load_state_dict with

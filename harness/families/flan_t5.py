@@ -20,6 +20,7 @@ from harness.errors import FbhError, SuiteUnavailable
 from harness.identity import revision_for
 from harness.families.common import (FamilyBase, HUB_FIX, load_cached, load_pretrained, load_split, pack_text,
                                      refuse_corruption, unpack_text)
+from harness.predictor import combine
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
 
@@ -85,7 +86,6 @@ class FlanT5Family(FamilyBase):
     @torch.no_grad()
     def predict(self, predictor, task: str, inputs: Tensor, batch_size: int) -> Tensor:
         """Greedy decoding, [N, GENERATION_MAX_LENGTH - 1] token ids padded with pad_token_id."""
-        from harness.evaluate import combine
         members = predictor.members
         config = members[0].config
         steps = GENERATION_MAX_LENGTH - 1

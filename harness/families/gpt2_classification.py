@@ -22,6 +22,8 @@ MAX_LENGTH = 512  # FusionBench sets tokenizer.model_max_length = 512 for GPT-2 
 
 
 class Gpt2ClassificationFamily(FamilyBase):
+    HEAD_STATE = ("_heads",)
+
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, Tensor] = {}

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from harness.errors import FbhError, SuiteUnavailable
 from harness.identity import revision_for
-from harness.evaluate import combine
+from harness.predictor import combine
 from harness.families.common import HUB_FIX, FamilyBase, load_cached, load_pretrained, load_split
 from harness.spec import SuiteSpec
 from harness.tensors import StateDict
@@ -141,6 +141,8 @@ def metric_of_sums(metric: str, sums: Tensor) -> float:
 # ----------------------------------------------------------------------------- family
 
 class ResnetNyuv2Family(FamilyBase):
+    HEAD_STATE = ("_heads",)
+
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         super().__init__(suite, suite_file, zoo_dir, device)
         self._heads: dict[str, nn.Module] = {}
