@@ -320,7 +320,8 @@ def fuse_changed(base: str, out: Path, progress: Progress = print) -> list[dict]
 def fuse_submission(path: Path, reason: str, suites: list[str], out: Path, progress: Progress) -> list[dict]:
     from harness.isolation import isolated_fuse
     from harness.planner import find_suite, plan
-    from harness.runner import open_suite, suite_inputs, validate_submission
+    from harness.runner import open_suite, suite_inputs
+    from harness.validate import validate_submission
     from harness.spec import load_submission
     entry = {"path": _rel(path), "reason": reason}
     try:

@@ -544,7 +544,8 @@ def zoo_build(suite, force):
 def zoo_export(suite, dest):
     """Write SUITE's built zoo, its manifest and digest included, to PATH: a .tar.gz (.tgz, .tar),
     or a new folder when PATH has no tar suffix. `fbh zoo import PATH` installs it elsewhere."""
-    from harness.zoo import export_zoo, is_built, zoo_digest, zoo_path
+    from harness.zoo import is_built, zoo_digest, zoo_path
+    from harness.zoo.share import export_zoo
     spec, path = _zoo_suite(suite)
     built = zoo_path(spec.family.zoo.builder, spec.family.zoo.recipe)
     if not is_built(built):
@@ -561,7 +562,8 @@ def zoo_import(src, force):
     """Verify every file of an export (a .tar.gz or folder from `fbh zoo export`) against its manifest
     and digest, then install it into the cache under its key; print the suites that use it."""
     from harness.runner import find_suite
-    from harness.zoo import import_zoo, zoo_pin_mismatch
+    from harness.zoo import zoo_pin_mismatch
+    from harness.zoo.share import import_zoo
     result = import_zoo(src, force=force)
     click.echo(f"{result.status}: {result.path}  {result.digest}")
     if not result.suites:

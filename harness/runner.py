@@ -35,7 +35,7 @@ from harness.provenance import device_name, git_commit, package_versions, pick_d
 from harness.spec import SubmissionSpec, SuiteSpec, load_submission
 from harness.store import Run, Store, now
 from harness.suites import require_available
-from harness.validate import check_name_owned
+from harness.validate import check_name_owned, validate_submission
 
 Progress = Callable[[str], None]
 
@@ -292,13 +292,6 @@ def fuse(info: registry.MethodInfo, ctx, params):
     """In this process (tests of the methods themselves); runs go through isolated_fuse."""
     from harness.fusion_worker import fuse as fuse_in_this_process
     return fuse_in_this_process(info, ctx, params)
-
-
-def validate_submission(sub: SubmissionSpec, file: str) -> registry.MethodInfo:
-    info = registry.get(sub.method, file=file)
-    for point in grid_points(sub):
-        info.validate_params(point, file=file, prefix="params" if not sub.grid else "params/grid")
-    return info
 
 
 # ----------------------------------------------------------------------------- driver

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.errors import FbhError
-from harness.spec import load_submission, load_suite, read_yaml
+from harness.spec import SubmissionSpec, load_submission, load_suite, read_yaml
 
 
 def name_owners(name: str, path: Path, folder: Path | None = None) -> list[Path]:
@@ -41,9 +41,18 @@ def check_name_owned(name: str, path: Path, stored_source: str | None = None, fo
                                          "or edit that file instead")
 
 
+def validate_submission(sub: SubmissionSpec, file: str):
+    """The method exists and every grid point's params fit its schema; its MethodInfo."""
+    from harness import registry
+    from harness.planner import grid_points
+    info = registry.get(sub.method, file=file)
+    for point in grid_points(sub):
+        info.validate_params(point, file=file, prefix="params" if not sub.grid else "params/grid")
+    return info
+
+
 def validate_file(path: Path) -> str:
     """Validate one file; return 'suite' or 'submission'. Raises FbhError on the first problem."""
-    from harness.runner import validate_submission
     data = read_yaml(path)
     is_suite = "family" in data or "tasks" in data or Path(path).parent.name == "suites"
     if is_suite:
@@ -54,7 +63,7 @@ def validate_file(path: Path) -> str:
     check_name_owned(sub.name, Path(path))
     validate_submission(sub, str(path))
     if sub.suites:
-        from harness.runner import suite_files
+        from harness.planner import suite_files
         unknown = [s for s in sub.suites if s not in suite_files()]
         if unknown:
             raise FbhError(f"unknown suites {unknown}", file=str(path), field="suites",

@@ -21,8 +21,9 @@ from conftest import REPO, SMALL_RECIPE, small_suite_spec
 from harness.cli import main
 from harness.digests import CorruptFile
 from harness.errors import FbhError
-from harness.zoo import (DONE_MARKER, cpu_description, ensure_built, ensure_suite_zoo, export_zoo,
-                         is_built, verify_zoo, zoo_digest, zoo_key, resolved_recipe)
+from harness.zoo import (DONE_MARKER, cpu_description, ensure_built, ensure_suite_zoo, is_built, verify_zoo,
+                         zoo_digest, zoo_key, resolved_recipe)
+from harness.zoo.share import export_zoo
 from harness.spec import ZooSpec
 
 pytestmark = pytest.mark.slow

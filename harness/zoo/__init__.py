@@ -11,7 +11,7 @@ the machine (kernel instruction set, threads, GPU), so AVX-512 and AVX2 machines
 same bytes. Its marker (BUILD_COMPLETE.json) holds a manifest of every file (size, sha256)
 and the manifest's digest, which names what was built: `zoo_digest` reads it, `verify_zoo`
 checks every file against it, a suite may pin the digest it expects (family.zoo.digest),
-and `export_zoo` / `import_zoo` carry one canonical build between machines. Torch-free: only
+and `zoo.share.export_zoo` / `import_zoo` carry one canonical build between machines. Torch-free: only
 the builder's own process imports torch.
 """
 
@@ -348,6 +348,3 @@ def ensure_built(name: str, overrides: dict[str, Any], progress: Callable[[str],
 def build_report(path: Path) -> dict[str, Any]:
     return json.loads((path / DONE_MARKER).read_text())
 
-
-# Sharing builds sits in its own module; it needs the names above, so it is imported last.
-from harness.zoo.share import Imported, export_zoo, import_zoo  # noqa: E402,F401
