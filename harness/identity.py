@@ -36,6 +36,7 @@ def shaping_spec(suite: SuiteSpec) -> dict:
         spec["family"].pop(name, None)
     if spec["family"].get("zoo"):
         spec["family"]["zoo"].pop("digest", None)
+        spec["family"]["zoo"].pop("built_with", None)
     for task in spec["tasks"]:
         task.pop("revision", None)
     return spec

@@ -49,6 +49,10 @@ class ZooSpec(Strict):
     digest: str | None = Field(None, description="the content digest the built zoo is expected to have "
                                                  "(`fbh zoo build` prints it); a build that differs is "
                                                  "reported, never refused")
+    built_with: dict[str, str] | None = Field(
+        None, max_length=32, description="what the pinned build ran on (torch, python and the packages its "
+                                         "BUILD_COMPLETE.json lists): a build with another digest names the "
+                                         "versions that differ")
 
     @field_validator("digest")
     @classmethod

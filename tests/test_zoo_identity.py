@@ -228,6 +228,13 @@ def test_wrong_pin_still_builds_says_so_once_and_old_markers_are_rebuilt(tmp_pat
     said.clear()
     right = ZooSpec(**{**spec["family"]["zoo"], "digest": digest})
     assert ensure_suite_zoo(right, progress=said.append) == built and said == []
+    # A pin that says what it was built with names the versions that differ here.
+    from harness.zoo import build_versions, zoo_pin_mismatch
+    here = build_versions(built)
+    assert {"torch", "python", "transformers", "numpy", "scikit-learn", "pillow"} <= set(here)
+    pinned = ZooSpec(**{**spec["family"]["zoo"], "built_with": {**here, "transformers": "4.0.0"}})
+    message = zoo_pin_mismatch(pinned, built)
+    assert f"transformers {here['transformers']} here, 4.0.0 pinned" in message and "numpy" not in message
 
 
 def test_a_failing_builder_raises_its_error_and_leaves_no_partial_build(own_cache, monkeypatch):

@@ -149,6 +149,20 @@ def suites_using(key: str) -> list[str]:
     return names
 
 
+def build_versions(path: Path) -> dict[str, str]:
+    """torch, python and the packages a finished build recorded (BUILD_COMPLETE.json's build_env)."""
+    env = build_report(path).get("build_env", {})
+    return {**({"torch": env["torch"]} if "torch" in env else {}), **({"python": env["python"]} if "python" in env
+                                                                       else {}), **env.get("packages", {})}
+
+
+def version_differences(pinned: dict[str, str] | None, path: Path) -> str:
+    """'transformers 5.25.0 here, 5.17.0 pinned; ...' for every version the pinned build names that differs."""
+    here = build_versions(path)
+    return "; ".join(f"{name} {here.get(name, 'absent')} here, {version} pinned"
+                     for name, version in sorted((pinned or {}).items()) if here.get(name) != version)
+
+
 def zoo_pin_mismatch(spec_zoo, path: Path, suite_file: str | Path | None = None) -> str | None:
     """A plain message when the zoo built here is not the one the suite pins (family.zoo.digest); None when
     it is, or when the suite pins nothing."""
@@ -159,9 +173,13 @@ def zoo_pin_mismatch(spec_zoo, path: Path, suite_file: str | Path | None = None)
     if built == pinned:
         return None
     where = f"{suite_file}: " if suite_file else ""
+    differ = version_differences(getattr(spec_zoo, "built_with", None), path)
     return (f"warning: {where}the zoo built here ({Path(path).name}) has digest {built}, but the suite file field "
             f"family.zoo.digest pins {pinned}: runs are stored under this zoo's own fingerprint, apart from "
-            f"the results computed on the pinned zoo.\n  fix: `fbh zoo import PATH` the zoo main's results were "
+            f"the results computed on the pinned zoo."
+            + (f" This build ran on other versions than the pinned one (family.zoo.built_with): {differ}." if differ
+               else "")
+            + "\n  fix: `fbh zoo import PATH` the zoo main's results were "
             f"computed on (`fbh zoo export SUITE PATH` there; main's CI saves tiny-vision's as "
             f"zoo-tiny-vision.tar.gz), or re-pin family.zoo.digest to {built} if this build is the new canonical one")
 

@@ -16,7 +16,7 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("numpy", "transformers", "datasets", "safetensors")
+PACKAGES = ("numpy", "transformers", "datasets", "safetensors", "scikit-learn", "pillow")
 
 
 def say(message: str) -> None:
