@@ -8,6 +8,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from harness.errors import FbhError
 from harness.spec import higher_is_better
 from harness.store import Store
@@ -350,6 +352,13 @@ def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", c
     primary = task_metrics(store, suite)
     name, severity = resolve_condition(store, suite, condition)
     reps = task_replicates(store, [ea.run_id, eb.run_id], name, severity, primary)
+    return ea, eb, differences(tasks, primary, ea, eb, reps)
+
+
+def differences(tasks: list[str], primary: dict[str, str], ea: Entry, eb: Entry,
+                reps: dict[str, dict[str, np.ndarray]]) -> list[Difference]:
+    """compare()'s rows from replicates already loaded (task_replicates of both runs): the site compares
+    every pair of a suite's entries from one load."""
     ra, rb = reps.get(ea.run_id, {}), reps.get(eb.run_id, {})
     common = [t for t in tasks if t in ea.scores and t in eb.scores]
     rows = [paired_difference(t, ea.scores[t], eb.scores[t], ra.get(t), rb.get(t)) for t in common]
@@ -357,4 +366,4 @@ def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", c
         rows.append(paired_difference("average", _mean([ea.scores[t] for t in common]),
                                       _mean([eb.scores[t] for t in common]),
                                       average_replicates(ra, common), average_replicates(rb, common)))
-    return ea, eb, rows
+    return rows
