@@ -25,7 +25,7 @@ import jinja2
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import (Entry, condition_label, condition_labels, extra_columns, generalization,
+from harness.leaderboard import (Entry, _mean, condition_label, condition_labels, extra_columns, generalization,
                                  other_fingerprints, relative_to_stl, robustness)
 from harness.paths import REPO_ROOT
 from harness.spec import higher_is_better
@@ -45,7 +45,7 @@ class Column:
     title: str
     numeric: bool = False
     hint: str = ""
-    group: str = ""             # 'cost' columns can be hidden together; 'first' stays in view when scrolling
+    group: str = ""             # 'cost' and 'detail' columns can be hidden together; 'first' stays in view
 
 
 @dataclass
@@ -159,6 +159,7 @@ class SuitePages:
     pages: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, label) -> path in the suite dir
     categories: dict[str, str] = field(default_factory=dict)  # method -> its category (merging, ensemble, ...)
     colors: dict[str, str] = field(default_factory=dict)      # entry label -> its colour in every chart
+    paper: dict[str, dict] = field(default_factory=dict)       # computed entry label -> paper_differences()
 
     @property
     def dir(self) -> str:
@@ -312,6 +313,7 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
         suite.entries = insert_published(entries, suite_file_published(spec, tasks, suite.stl))
     suite.categories = {name: card["category"] for name, card in registered_method_cards().items()}
     suite.colors = entry_colors([e.label for es in [suite.entries, *split_entries.values()] for e in es])
+    suite.paper = paper_differences(suite)
     taken: set[str] = set()
     for e in entries:
         folder = "submissions" if e.kind == "submission" else "references"
@@ -336,7 +338,7 @@ def suite_file_published(spec: dict, tasks: list[str], stl: Entry | None) -> lis
         relative = [relative_to_stl(metrics.get(t, "accuracy"), v, stl.scores.get(t) if stl else None)
                     for t, v in scores.items()]
         out.append(Entry(kind="published", label=r["label"], run_id=f"suite-file/{r['label']}", method=r.get("method"),
-                         scores=scores, average=_mean(scores.values()) if same_direction else None,
+                         scores=scores, average=_mean(list(scores.values())) if same_direction else None,
                          normalized=_mean(relative), source=r.get("source"),
                          extra={"tolerance": r.get("tolerance", 0.5), "suite_file": True}))
     return out
@@ -346,11 +348,6 @@ def insert_published(entries: list[Entry], published: list[Entry]) -> list[Entry
     """Entries with published rows after the computed references, as leaderboard.table orders them."""
     refs = [e for e in entries if e.kind == "reference"]
     return refs + published + [e for e in entries if e.kind != "reference"]
-
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 def registered_method_cards() -> dict[str, dict]:
@@ -417,8 +414,8 @@ def paper_differences(s: SuitePages) -> dict[str, dict]:
 def leaderboard_table(s: SuitePages) -> Table:
     metrics = s.metrics
     extra = extra_columns(s.entries)
-    paper = paper_differences(s)
-    columns = [Column("method", group="first"), Column("kind"),
+    paper = s.paper
+    columns = [Column("method", group="first"), Column("kind", group="detail"),
                Column("rank", False, "95% range of ranks among the submissions over bootstrap resamples of the "
                                      "test examples; a range that includes 1 is tied with the leader"),
                *[Column(t, True, metric_hint(metrics.get(t))) for t in s.tasks],
@@ -429,7 +426,7 @@ def leaderboard_table(s: SuitePages) -> Table:
                *([Column("vs paper", True, "computed minus the published row of the same method, mean over the "
                                            "tasks both report; the badge: every task within the row's tolerance")]
                  if paper else []),
-               Column("data access"), Column("category"), Column("output"),
+               Column("data access"), Column("category", group="detail"), Column("output", group="detail"),
                Column("fusion s", True, "wall time of the fusion (and grid search)", "cost"),
                Column("peak MiB", True, "peak memory while fusing", "cost"),
                Column("params", True, "parameters at inference (STL: every expert)", "cost"),
@@ -640,7 +637,7 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
             "packages": json.loads(run["packages"]) if run.get("packages") else {}, "settings": settings,
             "inputs": json.loads(run["inputs"]) if run.get("inputs") else {},
             "task_chart": task_bars_chart(s, e), "about": s.about_reference(e),
-            "paper": paper_differences(s).get(e.label)}
+            "paper": s.paper.get(e.label)}
 
 
 # ----------------------------------------------------------------------------- rendering

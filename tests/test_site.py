@@ -303,7 +303,7 @@ def test_preview_server_is_local_only(built):
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}/suites/tiny-small/leaderboard.csv"
             with urllib.request.urlopen(url, timeout=10) as resp:
-                assert resp.read().decode().startswith("kind,method,digits")
+                assert resp.read().decode().startswith("method,kind,rank,digits")
         finally:
             server.shutdown()
             thread.join()
@@ -351,7 +351,7 @@ def test_suite_page_renders_sorts_and_plots(built, page):
     _, out = built
     page.goto((out / "suites" / "tiny-small" / "index.html").as_uri())
     assert column(page, "leaderboard", "references", 0) == ["pretrained", "STL", "MTL"]
-    assert column(page, "leaderboard", "published", 0) == ["Made-up paper row\npublished: test fixture, Table 0"]
+    assert column(page, "leaderboard", "published", 0) == ["Made-up paper rowpublished: test fixture, Table 0"]
     subs = column(page, "leaderboard", "submissions", 0)
     assert sorted(subs) == ["hostile-average", "simple-ensemble", "task-arithmetic"]
     assert page.locator("#robustness tbody tr").count() == 7
@@ -533,20 +533,24 @@ def test_filters_and_the_best_merge(built, page):
     assert page.locator("#filter-count").text_content() == "1 of 3 submissions shown"
     assert page.locator("#leaderboard tbody.references tr:visible").count() == 3  # yardsticks stay
     page.select_option("select[data-filter=category]", "")
-    page.select_option("select[data-filter=access]", "none")
-    assert len(visible()) == 3
+    page.select_option("select[data-filter=access]", "none")  # a grid search reads labelled validation data
+    assert sorted(visible()) == ["simple-ensemble", "task-arithmetic"]
     page.check("#merges-only")
-    assert sorted(visible()) == ["hostile-average", "task-arithmetic"]
+    assert visible() == ["task-arithmetic"]
     page.select_option("select[data-filter=output]", "ensemble")
     assert visible() == []
     best_merge = page.locator("#best-merge a").text_content()
     assert best_merge in ("hostile-average", "task-arithmetic")
     assert page.locator("#best-overall a").text_content() == column(page, "leaderboard", "submissions", 0)[0]
 
-    cost = page.locator("#leaderboard thead th.cost")
-    assert cost.count() == 4 and cost.first.is_visible()
-    page.click("#toggle-costs")
+    cost, toggle = page.locator("#leaderboard thead th.cost"), page.locator("#toggle-costs")
+    if toggle.get_attribute("aria-pressed") == "true":  # started hidden: the table did not fit the window
+        toggle.click()
+    assert cost.count() == 4 and cost.first.is_visible() and toggle.get_attribute("aria-pressed") == "false"
+    toggle.click()
     assert not cost.first.is_visible() and not page.locator("#leaderboard td.cost").first.is_visible()
+    assert not page.locator("#leaderboard th.detail").first.is_visible()
+    assert page.locator("#leaderboard thead th", has_text="average").is_visible()
     assert page.errors == []
 
 
@@ -691,3 +695,29 @@ def test_bibtex_only_from_a_citation_that_says_enough():
     assert [(r["name"], r["type"], r["bounds"], r["default"]) for r in rows] == [
         ("k", "integer", "> 0", "(required)"), ("mode", "any", "one of a, b", '"a"'),
         ("w", "array of number or null", "", "null")]
+
+
+EIGHT_TASKS = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+
+
+def test_an_eight_task_leaderboard_fits_1366_px(tmp_path, browser):
+    """FusionBench's eight-task table fits a 1366 px window: the cost and detail columns start hidden when
+    they would not fit, and shown again they scroll inside the table's own box, never the page."""
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    runs = {("reference", "pretrained"): {}, ("reference", "STL"): {}, ("submission", "a-long-submission-name"): {},
+            ("submission", "ties"): {}}
+    for i, values in enumerate(runs.values()):
+        values.update({(t, "accuracy"): 40.0 + 7 * i + j for j, t in enumerate(EIGHT_TASKS)}, fusion=1.0 + i)
+    stored_suite(store, "eight", {t: ["accuracy"] for t in EIGHT_TASKS}, runs)
+    build(store, tmp_path / "out")
+    context = browser.new_context(viewport={"width": 1366, "height": 800})
+    pg = context.new_page()
+    pg.goto((tmp_path / "out" / "suites" / "eight" / "index.html").as_uri())
+    fits = "(w => w.scrollWidth <= w.clientWidth)(document.querySelector('#leaderboard').parentElement)"
+    assert pg.evaluate(fits) and no_sideways_scroll(pg)
+    assert all(pg.locator("#leaderboard thead th", has_text=t).is_visible() for t in EIGHT_TASKS + ["average", "95% CI"])
+    if pg.locator("#toggle-costs").get_attribute("aria-pressed") == "true":
+        pg.click("#toggle-costs")
+    assert pg.locator("#leaderboard thead th.cost").first.is_visible() and no_sideways_scroll(pg)
+    context.close()

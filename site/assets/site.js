@@ -64,12 +64,17 @@
   function setUpFilters(form) {
     form.addEventListener("change", function () { applyFilters(form); });
     const toggle = form.querySelector("#toggle-costs");
-    if (toggle) toggle.addEventListener("click", function () {
-      const table = document.getElementById(form.dataset.table);
-      const hidden = table.classList.toggle("hide-costs");
-      toggle.setAttribute("aria-pressed", hidden ? "true" : "false");
-      toggle.textContent = hidden ? "Show cost columns" : "Hide cost columns";
-    });
+    const table = document.getElementById(form.dataset.table);
+    if (toggle) {
+      toggle.addEventListener("click", function () {
+        const hidden = table.classList.toggle("hide-costs");
+        toggle.setAttribute("aria-pressed", hidden ? "true" : "false");
+        toggle.textContent = (hidden ? "Show" : "Hide") + " cost and detail columns";
+      });
+      // A table wider than the window starts with them hidden, so the scores fit without scrolling.
+      const box = table.parentElement;
+      if (box.scrollWidth > box.clientWidth) toggle.click();
+    }
     applyFilters(form);
   }
 
