@@ -9,9 +9,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harness.leaderboard import differences, task_metrics
+import numpy as np
+
+from harness.leaderboard import _mean, differences, task_metrics
+from harness.spec import higher_is_better
 from harness.store import Store
-from harness.uncertainty import task_replicates
+from harness.uncertainty import average_replicates, paired_differences, task_replicates
 
 if TYPE_CHECKING:
     from harness.site import SuitePages
@@ -116,19 +119,55 @@ def _metric_title(metric: str) -> str:
 def comparisons(store: Store, s: SuitePages) -> dict:
     """Paired-bootstrap differences of every pair of the suite's computed entries (clean, all tasks), as
     `fbh compare` gives them: pairs[a][b] = rows of a minus b, for a listed before b (the page flips the
-    sign for b minus a). Replicates are loaded once for all entries."""
+    sign for b minus a). Replicates are loaded once; pairs of entries with every task and replicates of
+    one length are computed together (harness.uncertainty.paired_differences), the rest one by one."""
     # submissions first, so the page opens on the two leading submissions
     entries = sorted((e for e in s.computed if e.status == "ok"), key=lambda e: e.kind != "submission")
     primary = task_metrics(store, s.name)
     reps = task_replicates(store, [e.run_id for e in entries], "clean", None, primary)
-    pairs: dict[str, dict[str, list[dict]]] = {}
-    for i, a in enumerate(entries):
-        for b in entries[i + 1:]:
-            pairs.setdefault(a.label, {})[b.label] = [
-                {"what": d.what, "a": _r(d.a), "b": _r(d.b), "difference": _r(d.difference),
-                 "ci": None if d.ci is None else [_r(d.ci[0]), _r(d.ci[1])], "p": _r(d.p_value),
-                 "resamples": d.resamples} for d in differences(s.tasks, primary, a, b, reps)]
-    return {"entries": [e.label for e in entries], "pairs": pairs}
+    together = _complete(entries, s.tasks, reps)
+    pairs = [(i, j) for i in range(len(entries)) for j in range(i + 1, len(entries))]
+    rows = {(i, j): differences(s.tasks, primary, entries[i], entries[j], reps)
+            for i, j in pairs if not (i in together and j in together)}
+    rows |= _differences_together(s, primary, entries, reps, [(i, j) for i, j in pairs if (i, j) not in rows])
+    out: dict[str, dict[str, list[dict]]] = {}
+    for i, j in pairs:
+        out.setdefault(entries[i].label, {})[entries[j].label] = [
+            {"what": d.what, "a": _r(d.a), "b": _r(d.b), "difference": _r(d.difference),
+             "ci": None if d.ci is None else [_r(d.ci[0]), _r(d.ci[1])], "p": _r(d.p_value),
+             "resamples": d.resamples} for d in rows[(i, j)]]
+    return {"entries": [e.label for e in entries], "pairs": out}
+
+
+def _complete(entries: list, tasks: list[str], reps: dict) -> set[int]:
+    """Indices of entries with a score and replicates of one common length on every task."""
+    lengths = {i: {len(reps.get(e.run_id, {}).get(t, ())) for t in tasks} for i, e in enumerate(entries)
+               if all(t in e.scores for t in tasks)}
+    common = {next(iter(n)) for n in lengths.values() if len(n) == 1} - {0}
+    return {i for i, n in lengths.items() if len(common) == 1 and n == common} if tasks else set()
+
+
+def _differences_together(s: SuitePages, primary: dict, entries: list, reps: dict,
+                          pairs: list[tuple[int, int]]) -> dict[tuple[int, int], list]:
+    """What differences() gives each pair (every task, then the average where the tasks' metrics point one
+    way), for pairs of complete entries, a task at a time over all pairs."""
+    if not pairs:
+        return {}
+    first, second = (np.array(side) for side in zip(*pairs))
+    used = sorted({*first, *second})
+    columns = [(t, {i: entries[i].scores[t] for i in used}, {i: reps[entries[i].run_id][t] for i in used})
+               for t in s.tasks]
+    if len({higher_is_better(primary.get(t, "accuracy")) for t in s.tasks}) == 1:
+        columns.append(("average", {i: _mean([entries[i].scores[t] for t in s.tasks]) for i in used},
+                        {i: average_replicates(reps[entries[i].run_id], s.tasks) for i in used}))
+    out: dict[tuple[int, int], list] = {pair: [] for pair in pairs}
+    for what, values, replicates in columns:
+        value = np.array([values.get(i, np.nan) for i in range(len(entries))])
+        width = len(next(iter(replicates.values())))
+        matrix = np.stack([replicates.get(i, np.zeros(width)) for i in range(len(entries))])
+        for pair, d in zip(pairs, paired_differences(what, value[first], value[second], matrix[first], matrix[second])):
+            out[pair].append(d)
+    return out
 
 
 def _r(v: float | None) -> float | None:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.evaluate import bootstrap_replicates, task_seed
 from harness.store import Store
-from harness.uncertainty import paired_difference, rank_ranges
+from harness.uncertainty import paired_difference, paired_differences, rank_ranges
 from conftest import REPO, SMALL_TASKS
 
 
@@ -118,3 +118,18 @@ def test_methods_show_and_list_answer_from_the_index_without_torch(tmp_path):
     assert shown.exit_code == 0 and "arXiv:2306.01708" in shown.output and "top_k: number (> 0.0, <= 1.0)" in shown.output
     unknown = fbh("methods", "show", "tie_merging")
     assert unknown.exit_code == 2 and "ties_merging" in unknown.output
+
+
+def test_many_pairs_at_once_give_what_one_pair_at_a_time_gives():
+    """The site compares every pair of a suite's entries in one call; each row must be paired_difference's."""
+    rng = np.random.default_rng(0)
+    a_reps, b_reps = rng.normal(50, 2, (6, 400)), rng.normal(50.5, 2, (6, 400))
+    b_reps[2] = a_reps[2]                      # no difference at all: p = 1
+    a_reps[4, :3] = np.nan                     # a resample undefined for one entry: left out, as one by one
+    a, b = np.nanmean(a_reps, axis=1), b_reps.mean(axis=1)
+    together = paired_differences("t", a, b, a_reps, b_reps)
+    for k, d in enumerate(together):
+        one = paired_difference("t", float(a[k]), float(b[k]), a_reps[k], b_reps[k])
+        assert (d.what, d.resamples, d.difference) == (one.what, one.resamples, pytest.approx(one.difference))
+        assert d.ci == pytest.approx(one.ci, abs=1e-12) and d.p_value == pytest.approx(one.p_value, abs=1e-12)
+    assert together[2].p_value == 1.0 and together[4].resamples == 397
