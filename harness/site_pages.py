@@ -118,8 +118,8 @@ def _metric_title(metric: str) -> str:
 
 def comparisons(store: Store, s: SuitePages) -> dict:
     """Paired-bootstrap differences of every pair of the suite's computed entries (clean, all tasks), as
-    `fbh compare` gives them: pairs[a][b] = rows of a minus b, for a listed before b (the page flips the
-    sign for b minus a). Replicates are loaded once; pairs of entries with every task and replicates of
+    `fbh compare` gives them: pairs[a][b] = rows of a minus b (COMPARISON_COLUMNS), for a listed before
+    b (the page flips the sign for b minus a). Replicates are loaded once; pairs of entries with every task and replicates of
     one length are computed together (harness.uncertainty.paired_differences), the rest one by one."""
     # submissions first, so the page opens on the two leading submissions
     entries = sorted((e for e in s.computed if e.status == "ok"), key=lambda e: e.kind != "submission")
@@ -130,13 +130,15 @@ def comparisons(store: Store, s: SuitePages) -> dict:
     rows = {(i, j): differences(s.tasks, primary, entries[i], entries[j], reps)
             for i, j in pairs if not (i in together and j in together)}
     rows |= _differences_together(s, primary, entries, reps, [(i, j) for i, j in pairs if (i, j) not in rows])
-    out: dict[str, dict[str, list[dict]]] = {}
-    for i, j in pairs:
+    out: dict[str, dict[str, list[list]]] = {}
+    for i, j in pairs:  # a row per task as a list: a suite of a hundred entries has thousands of pairs
         out.setdefault(entries[i].label, {})[entries[j].label] = [
-            {"what": d.what, "a": _r(d.a), "b": _r(d.b), "difference": _r(d.difference),
-             "ci": None if d.ci is None else [_r(d.ci[0]), _r(d.ci[1])], "p": _r(d.p_value),
-             "resamples": d.resamples} for d in rows[(i, j)]]
-    return {"entries": [e.label for e in entries], "pairs": out}
+            [d.what, _r(d.a), _r(d.b), _r(d.difference), *(_r(v) for v in (d.ci or (None, None))), _r(d.p_value)]
+            for d in rows[(i, j)]]
+    return {"entries": [e.label for e in entries], "columns": COMPARISON_COLUMNS, "pairs": out}
+
+
+COMPARISON_COLUMNS = ["what", "a", "b", "difference", "ci_low", "ci_high", "p"]
 
 
 def _complete(entries: list, tasks: list[str], reps: dict) -> set[int]:

@@ -82,11 +82,17 @@
   function fmt(v, digits) { return v === null || v === undefined ? "" : v.toFixed(digits); }
 
   // pairs[a][b] holds a minus b for a listed before b; b minus a flips every sign and swaps the bounds.
+  // Each row is a list in the order of data.columns: what, a, b, difference, ci_low, ci_high, p.
+  function asRecord(row) {
+    return {what: row[0], a: row[1], b: row[2], difference: row[3],
+            ci: row[4] === null ? null : [row[4], row[5]], p: row[6]};
+  }
+
   function lookUp(data, a, b) {
-    if (data.pairs[a] && data.pairs[a][b]) return data.pairs[a][b];
+    if (data.pairs[a] && data.pairs[a][b]) return data.pairs[a][b].map(asRecord);
     const rows = (data.pairs[b] || {})[a];
     if (!rows) return null;
-    return rows.map(function (r) {
+    return rows.map(asRecord).map(function (r) {
       return {what: r.what, a: r.b, b: r.a, difference: r.difference === null ? null : -r.difference,
               ci: r.ci ? [-r.ci[1], -r.ci[0]] : null, p: r.p};
     });
