@@ -25,6 +25,7 @@ TASKS = ["digits", "shapes", "textures", "colors", "counting", "position", "orie
 CORRUPTIONS = ["motion_blur", "impulse_noise", "gaussian_noise", "pixelate", "spatter", "contrast", "jpeg"]
 SPLIT = {"name": "six-seen-two-unseen", "seen": TASKS[:6], "unseen": TASKS[6:]}
 METHODS = ["task_arithmetic", "ties_merging", "simple_average", "simple_ensemble"]
+REPLICATES = 1000  # harness.evaluate.BOOTSTRAP_SAMPLES
 
 
 def suite_spec(i: int) -> dict:
@@ -45,8 +46,10 @@ def fill(store: Store, n_suites: int, n_submissions: int, rng: random.Random) ->
             for task in TASKS:
                 value = rng.uniform(20, 99) * (0.8 if condition != "clean" else 1.0)
                 task_split = "unseen" if split and task in split["unseen"] else "seen"
+                # clean rows carry bootstrap replicates as real runs do (intervals, ranks, comparisons)
+                replicates = [value + rng.gauss(0, 1.3) for _ in range(REPLICATES)] if condition == "clean" else None
                 results.append([run.run_id, task, task_split, condition, None if condition == "clean" else 3,
-                                "accuracy", value, 500, value - 2.5, value + 2.5])
+                                "accuracy", value, 500, value - 2.5, value + 2.5, replicates])
 
     for name in (f"sub-{j:03d}" for j in range(n_submissions)):
         store.upsert_submission({"name": name, "method": rng.choice(METHODS), "description": f"Submission {name}",

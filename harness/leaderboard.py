@@ -8,6 +8,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from harness.errors import FbhError
 from harness.metrics import DEFAULT_METRIC, higher_is_better
 from harness.spec import strip_invisible
@@ -278,12 +280,8 @@ def add_uncertainty(store: Store, entries: list[Entry], condition: str, severity
     """Each average's 95% interval, and each submission's range of ranks among the submissions (entries
     whose range includes 1 are tied with the leader); see harness.uncertainty."""
     scored = [e for e in entries if e.status == "ok" and e.average is not None]
-    runs_of = {e.run_id: e.extra.get("seed_runs", [e.run_id]) for e in scored}
-    reps = task_replicates(store, [r for runs in runs_of.values() for r in runs], condition, severity, primary,
-                           task_split)
-    # An entry of several seeds: per task, the seeds' replicates averaged (each on the same resampled examples).
-    averages = {e.run_id: average_replicates(seed_mean([reps.get(r, {}) for r in runs_of[e.run_id]]), list(e.scores))
-                for e in scored}
+    reps = task_replicates(store, [r for e in scored for r in seed_runs(e)], condition, severity, primary, task_split)
+    averages = {e.run_id: average_replicates(entry_replicates(reps, e), list(e.scores)) for e in scored}
     for e in scored:
         e.average_ci = interval(averages[e.run_id])
     ranked = [e for e in scored if e.kind == "submission"]
@@ -429,13 +427,29 @@ def compare(store: Store, suite: str, a: str, b: str, *, setting: str = "all", c
     ea, eb = by_label[a], by_label[b]
     primary = task_metrics(store, suite)
     name, severity = resolve_condition(store, suite, condition)
-    runs_a, runs_b = (e.extra.get("seed_runs", [e.run_id]) for e in (ea, eb))
-    reps = task_replicates(store, [*runs_a, *runs_b], name, severity, primary)
-    ra, rb = (seed_mean([reps.get(r, {}) for r in runs]) for runs in (runs_a, runs_b))
+    reps = task_replicates(store, [*seed_runs(ea), *seed_runs(eb)], name, severity, primary)
+    return ea, eb, differences(tasks, primary, ea, eb, entry_replicates(reps, ea), entry_replicates(reps, eb))
+
+
+def seed_runs(e: Entry) -> list[str]:
+    """The runs an entry stands for: one, or one per seed."""
+    return e.extra.get("seed_runs", [e.run_id])
+
+
+def entry_replicates(reps: dict[str, dict[str, np.ndarray]], e: Entry) -> dict[str, np.ndarray]:
+    """Task -> an entry's replicates, from task_replicates of its runs: of several seeds, their mean (each seed
+    was scored on the same resampled examples)."""
+    return seed_mean([reps.get(r, {}) for r in seed_runs(e)])
+
+
+def differences(tasks: list[str], primary: dict[str, str], ea: Entry, eb: Entry,
+                ra: dict[str, np.ndarray], rb: dict[str, np.ndarray]) -> list[Difference]:
+    """compare()'s rows from the two entries' replicates (entry_replicates): the site compares every pair of
+    a suite's entries from one load."""
     common = [t for t in tasks if t in ea.scores and t in eb.scores]
     rows = [paired_difference(t, ea.scores[t], eb.scores[t], ra.get(t), rb.get(t)) for t in common]
     if len({higher_is_better(primary.get(t, DEFAULT_METRIC)) for t in common}) == 1 and common:
         rows.append(paired_difference("average", _mean([ea.scores[t] for t in common]),
                                       _mean([eb.scores[t] for t in common]),
                                       average_replicates(ra, common), average_replicates(rb, common)))
-    return ea, eb, rows
+    return rows

@@ -28,18 +28,19 @@ from markupsafe import Markup
 
 from harness import __version__
 from harness.errors import FbhError
-from harness.leaderboard import (Entry, condition_label, condition_labels, csv_cell, extra_columns,
+from harness.leaderboard import (Entry, _mean, condition_label, condition_labels, csv_cell, extra_columns,
                                  generalization, other_fingerprints, relative_to_stl, robustness)
 from harness.locks import remove_stale
-from harness.paths import REPO_ROOT
 from harness.metrics import DEFAULT_METRIC, higher_is_better, label as metric_hint
+from harness.paths import REPO_ROOT
+from harness.site_pages import comparisons, method_page, task_page, write_downloads
 from harness.spec import strip_invisible
 from harness.store import ROW_COLUMNS, Store
 
 SITE_SOURCES = REPO_ROOT / "site"
 MARKER = ".fbh-site"  # the manifest of a build: every file it wrote, which is all a rebuild removes
 TOP_ON_INDEX = 3
-RADAR_SUBMISSIONS = 5
+CHART_SUBMISSIONS = 5  # per-task bar charts: references and the top 5 submissions
 
 
 # ----------------------------------------------------------------------------- tables
@@ -49,6 +50,7 @@ class Column:
     title: str
     numeric: bool = False
     hint: str = ""
+    group: str = ""             # 'cost' and 'detail' columns can be hidden together; 'first' stays in view
 
 
 @dataclass
@@ -57,6 +59,16 @@ class Cell:
     value: Any = None           # what the browser sorts by and the CSV holds; None sorts last
     href: str | None = None
     hint: str | None = None
+    note: str | None = None     # a second line always shown (a published row's source table)
+    badge: str | None = None    # a short mark beside the text ('tied', 'within 0.5')
+
+
+class Row(list):
+    """A table row's cells, and the data-* attributes the page's filters read."""
+
+    def __init__(self, cells: Iterable[Cell], **data: str):
+        super().__init__(cells)
+        self.data = data or getattr(cells, "data", {})
 
 
 @dataclass
@@ -106,10 +118,13 @@ def text(v: Any, href: str | None = None, hint: str | None = None) -> Cell:
     return Cell("" if v is None else str(v), None if v is None else str(v), href, hint)
 
 
+GROUPS = (("references", "reference"), ("published", "published"), ("submissions", "submission"))
+
+
 def grouped(entries: list[Entry], row) -> list[tuple[str, list[list[Cell]]]]:
-    refs = [row(e) for e in entries if e.kind != "submission"]
-    subs = [row(e) for e in entries if e.kind == "submission"]
-    return [(name, rows) for name, rows in (("references", refs), ("submissions", subs)) if rows]
+    """Rows in groups the browser sorts apart: computed references, published (paper) rows, submissions."""
+    groups = [(name, [Row(row(e)) for e in entries if e.kind == kind]) for name, kind in GROUPS]
+    return [(name, rows) for name, rows in groups if rows]
 
 
 # ----------------------------------------------------------------------------- site model
@@ -140,6 +155,9 @@ class SuitePages:
     inputs: dict = field(default_factory=dict)
     elsewhere: list[dict] = field(default_factory=list)  # runs on other fingerprints: shown apart, never ranked
     pages: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, label) -> path in the suite dir
+    categories: dict[str, str] = field(default_factory=dict)  # method -> its category (merging, ensemble, ...)
+    colors: dict[str, str] = field(default_factory=dict)      # entry label -> its colour in every chart
+    paper: dict[str, dict] = field(default_factory=dict)       # computed entry label -> paper_differences()
 
     @property
     def dir(self) -> str:
@@ -148,9 +166,47 @@ class SuitePages:
     def page(self, e: Entry) -> str | None:
         return self.pages.get((e.kind, e.label))
 
+    def task_page(self, task: str) -> str:
+        return f"tasks/{slug(task)}.html"
+
     @property
     def submission_entries(self) -> list[Entry]:
         return [e for e in self.entries if e.kind == "submission"]
+
+    @property
+    def computed(self) -> list[Entry]:
+        """Entries computed here (references and submissions), not numbers copied from a paper."""
+        return [e for e in self.entries if e.kind != "published"]
+
+    @property
+    def best_merge(self) -> Entry | None:
+        """The best submission whose output is one merged model of the base architecture."""
+        return next((e for e in self.submission_entries if e.output_kind == "merged"), None)
+
+    def category(self, e: Entry) -> str:
+        return self.categories.get(e.method or "", "unknown") if e.kind == "submission" else e.kind
+
+    def tolerance(self, e: Entry) -> float | None:
+        run = self.runs.get(e.run_id)
+        return run.get("tolerance") if run else e.extra.get("tolerance")
+
+    def models_at_inference(self, e: Entry) -> float | None:
+        """Inference cost in models of the base architecture: STL runs one expert per task; otherwise
+        the parameters at inference over the pre-trained model's (an ensemble of k experts costs k)."""
+        if e.kind == "reference" and e.label == "STL":
+            return float(len(self.tasks))
+        one = next((r.n_parameters for r in self.entries if r.kind == "reference" and r.label == "pretrained"
+                    and r.n_parameters), None) or (self.stl.n_parameters if self.stl else None)
+        return None if not one or e.n_parameters is None else e.n_parameters / one
+
+    def parameters_at_inference(self, e: Entry) -> int | None:
+        if e.kind == "reference" and e.label == "STL" and e.n_parameters is not None:
+            return e.n_parameters * len(self.tasks)
+        return e.n_parameters
+
+    def about_reference(self, e: Entry) -> str | None:
+        about = REFERENCES.get(e.label) if e.kind == "reference" else None
+        return about.format(n=len(self.tasks)) if about else None
 
     @property
     def metrics(self) -> dict[str, str]:
@@ -203,6 +259,13 @@ class SuitePages:
 
 STL_RATIO = "score / STL, STL / error for errors; higher is better"
 
+REFERENCES = {
+    "pretrained": "The pre-trained model, not fine-tuned on any task: one model, the floor fusion should beat.",
+    "STL": "Single-task learning: one fine-tuned expert per task ({n} models). Each task is scored by its own "
+           "expert, so this is the per-task ceiling fusion aims for, not one model.",
+    "MTL": "Multi-task learning: one model fine-tuned on every task's training data jointly.",
+}
+
 
 def _percent_of_stl(metric: str, value: float | None, stl: float | None) -> float | None:
     ratio = relative_to_stl(metric, value, stl)
@@ -244,6 +307,11 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
                        fingerprint=row.get("fingerprint"), expected_fingerprint=row.get("expected_fingerprint"),
                        inputs=json.loads(row["inputs"]) if row.get("inputs") else {},
                        elsewhere=other_fingerprints(store, row["name"], row.get("fingerprint")))
+    if not any(e.kind == "published" for e in entries):
+        suite.entries = insert_published(entries, suite_file_published(spec, tasks, suite.stl))
+    suite.categories = {name: card["category"] for name, card in registered_method_cards().items()}
+    suite.colors = entry_colors([e.label for es in [suite.entries, *split_entries.values()] for e in es])
+    suite.paper = paper_differences(suite)
     taken: set[str] = set()
     for e in entries:
         folder = "submissions" if e.kind == "submission" else "references"
@@ -255,30 +323,161 @@ def load_suite(store: Store, row: dict, submissions: dict[str, dict]) -> SuitePa
     return suite
 
 
+def suite_file_published(spec: dict, tasks: list[str], stl: Entry | None) -> list[Entry]:
+    """The suite file's published (paper) rows for the clean 'all' table, for a database that stores none
+    (no submit has run on this suite yet). They are marked as copied from the suite file, never computed."""
+    metrics = {t["name"]: t.get("metric", DEFAULT_METRIC) for t in spec.get("tasks", [])}
+    rows = [r for r in (spec.get("references") or {}).get("published", [])
+            if not r.get("split") and r.get("condition", "clean") == "clean"]
+    same_direction = len({higher_is_better(metrics.get(t, DEFAULT_METRIC)) for t in tasks}) == 1
+    out = []
+    for r in rows:
+        scores = {t: v for t, v in r["values"].items() if t in tasks}
+        relative = [relative_to_stl(metrics.get(t, DEFAULT_METRIC), v, stl.scores.get(t) if stl else None)
+                    for t, v in scores.items()]
+        out.append(Entry(kind="published", label=r["label"], run_id=f"suite-file/{r['label']}", method=r.get("method"),
+                         scores=scores, average=_mean(list(scores.values())) if same_direction else None,
+                         normalized=_mean(relative), source=r.get("source"),
+                         extra={"tolerance": r.get("tolerance", 0.5), "suite_file": True}))
+    return out
+
+
+def insert_published(entries: list[Entry], published: list[Entry]) -> list[Entry]:
+    """Entries with published rows after the computed references, as leaderboard.table orders them."""
+    refs = [e for e in entries if e.kind == "reference"]
+    return refs + published + [e for e in entries if e.kind != "reference"]
+
+
+def registered_method_cards() -> dict[str, dict]:
+    """Every registered method's card (harness.registry); a method module that fails to import only
+    loses its own card."""
+    from harness.registry import method_cards
+    return method_cards()[0]
+
+
+# Tableau 20, darker shade first: distinct on white, and the same order on every page of a suite.
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf"]
+
+
+def entry_colors(labels: Iterable[str]) -> dict[str, str]:
+    """One colour per entry label, in first-seen order; past the palette, hues a golden angle apart."""
+    colors: dict[str, str] = {}
+    for label in labels:
+        if label not in colors:
+            i = len(colors)
+            colors[label] = PALETTE[i] if i < len(PALETTE) else _hsl_hex((i * 137.508) % 360, 0.55, 0.45)
+    return colors
+
+
+def _hsl_hex(hue: float, saturation: float, lightness: float) -> str:
+    import colorsys
+    r, g, b = colorsys.hls_to_rgb(hue / 360, lightness, saturation)
+    return "#" + "".join(f"{round(c * 255):02x}" for c in (r, g, b))
+
+
+def paper_twin(published: Entry, e: Entry) -> bool:
+    """Whether computed entry `e` runs what published row `published` reports: the row's `method` when it
+    names one, else its label read as a method name ('Task Arithmetic' ~ task_arithmetic) or as a
+    reference ('Pre-trained' ~ pretrained, 'Fine-tuned (STL)' ~ STL)."""
+    squash = lambda v: re.sub(r"[^a-z0-9]", "", (v or "").lower())  # noqa: E731
+    if published.method:
+        return e.kind == "submission" and e.method == published.method
+    if e.kind == "reference":
+        tag = re.search(r"\((STL|MTL)\)", published.label)
+        return (tag.group(1) if tag else squash(published.label)) in (e.label, squash(e.label))
+    return squash(published.label) == squash(e.method)
+
+
+def paper_differences(s: SuitePages) -> dict[str, dict]:
+    """Computed entry label -> its difference from the paper: mean over the tasks both report of computed
+    minus published, and whether every task is within the published row's pinned tolerance."""
+    out: dict[str, dict] = {}
+    for p in (e for e in s.entries if e.kind == "published"):
+        tolerance = s.tolerance(p)
+        for e in s.computed:
+            common = [t for t in p.scores if t in e.scores]
+            if e.label in out or not common or not paper_twin(p, e):
+                continue
+            diffs = [e.scores[t] - p.scores[t] for t in common]
+            out[e.label] = {"paper": p.label, "source": p.source, "difference": sum(diffs) / len(diffs),
+                            "largest": max(map(abs, diffs)), "tolerance": tolerance,
+                            "within": tolerance is not None and max(map(abs, diffs)) <= tolerance}
+    return out
+
+
 # ----------------------------------------------------------------------------- tables of a suite
 
 def leaderboard_table(s: SuitePages) -> Table:
     metrics = s.metrics
     extra = extra_columns(s.entries)
-    columns = [Column("kind"), Column("method"), *[Column(t, True, metric_hint(metrics.get(t))) for t in s.tasks],
+    paper = s.paper
+    columns = [Column("method", group="first"), Column("kind", group="detail"),
+               Column("rank", False, "95% range of ranks among the submissions over bootstrap resamples of the "
+                                     "test examples; a range that includes 1 is tied with the leader"),
+               *[Column(t, True, metric_hint(metrics.get(t))) for t in s.tasks],
                *[Column(f"{t} {m}", True, metric_hint(m)) for t, m in extra],
                Column("average", True, "mean over tasks (only when every task's metric points the same way)"),
+               Column("95% CI", True, "95% bootstrap interval of the average (test examples resampled per task)"),
                Column("normalized", True, "mean of score / STL score x 100 (FusionBench); STL / score for errors"),
-               Column("data access"), Column("output"),
-               Column("fusion s", True, "wall time of the fusion (and grid search)"),
-               Column("peak MiB", True, "peak memory while fusing"),
-               Column("params", True, "parameters at inference")]
+               *([Column("vs paper", True, "computed minus the published row of the same method, mean over the "
+                                           "tasks both report; the badge: every task within the row's tolerance")]
+                 if paper else []),
+               Column("data access"), Column("category", group="detail"), Column("output", group="detail"),
+               Column("fusion s", True, "wall time of the fusion (and grid search)", "cost"),
+               Column("peak MiB", True, "peak memory while fusing", "cost"),
+               Column("params", True, "parameters at inference (STL: every expert)", "cost"),
+               Column("x model", True, "inference cost in models of the base architecture", "cost")]
 
-    def row(e: Entry) -> list[Cell]:
-        about = s.submissions.get(e.label, {}).get("description") if e.kind == "submission" else e.source
-        return [text(e.kind), text(e.label, s.page(e), about),
-                *[score(e.scores.get(t)) for t in s.tasks],
-                *[score(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
-                score(e.average), score(e.normalized),
-                text(e.data_access_shown), text(e.output_kind), seconds(e.fusion_seconds),
-                mebibytes(e.peak_memory_bytes), count(e.n_parameters)]
+    def row(e: Entry) -> Row:
+        about = s.submissions.get(e.label, {}).get("description") if e.kind == "submission" else \
+            (s.about_reference(e) or e.source)
+        note = f"published: {e.source}" if e.kind == "published" else None
+        if e.extra.get("suite_file"):
+            note += " (from the suite file; not run here)"
+        return Row([Cell(strip_invisible(e.label), e.label, s.page(e), about, note), text(e.kind), rank_cell(e),
+                    *[score(e.scores.get(t)) for t in s.tasks],
+                    *[score(e.extra.get("metrics", {}).get(t, {}).get(m)) for t, m in extra],
+                    score(e.average), interval_cell(e.average_ci), score(e.normalized),
+                    *([paper_cell(paper.get(e.label))] if paper else []),
+                    text(e.data_access_shown), text(s.category(e)), text(output_of(s, e)), seconds(e.fusion_seconds),
+                    mebibytes(e.peak_memory_bytes), count(s.parameters_at_inference(e)),
+                    times(s.models_at_inference(e))],
+                   access=e.data_access or "", category=s.category(e), output=e.output_kind or "")
 
     return Table("leaderboard", "leaderboard.csv", columns, grouped(s.entries, row))
+
+
+def rank_cell(e: Entry) -> Cell:
+    if not e.rank:
+        return Cell("")
+    tied = e.rank.startswith("1-")
+    return Cell(e.rank, int(e.rank.split("-")[0]), hint="tied with the leader: its 95% range of ranks includes 1"
+                if tied else None, badge="tied" if tied else None)
+
+
+def interval_cell(ci: tuple[float, float] | None) -> Cell:
+    return Cell("") if ci is None else Cell(f"[{ci[0]:.1f}, {ci[1]:.1f}]", round(ci[0], 4))
+
+
+def paper_cell(diff: dict | None) -> Cell:
+    if diff is None:
+        return Cell("")
+    return Cell(f"{diff['difference']:+.1f}", round(diff["difference"], 4),
+                hint=f"vs '{diff['paper']}' ({diff['source']}); largest task difference {diff['largest']:.2f}",
+                badge=f"within {diff['tolerance']:g}" if diff["within"] else None)
+
+
+def times(v: float | None) -> Cell:
+    return Cell("" if v is None else f"{v:.2g}x", None if v is None else round(v, 4))
+
+
+def output_of(s: SuitePages, e: Entry) -> str | None:
+    """What an entry runs at inference, in words; a reference says what it is rather than 'merged'."""
+    if e.kind == "reference":
+        return {"STL": f"{len(s.tasks)} experts", "pretrained": "base model", "MTL": "one model"}.get(e.label)
+    return e.output_kind
 
 
 def robustness_table(s: SuitePages) -> Table:
@@ -321,26 +520,80 @@ def pareto_front(points: Iterable[tuple[float, float]]) -> list[tuple[float, flo
 
 def pareto_chart(s: SuitePages) -> dict:
     """Headline value (higher is better) vs fusion time of the submissions, references as levels."""
-    points = [{"x": e.fusion_seconds, "y": round(s.headline(e), 3), "label": e.label}
+    points = [{"x": e.fusion_seconds, "y": round(s.headline(e), 3), "label": e.label, "color": s.colors[e.label]}
               for e in s.submission_entries if e.fusion_seconds is not None and s.headline(e) is not None]
-    front = pareto_front((p["x"], p["y"]) for p in points)
-    references = [{"label": e.label, "y": round(s.headline(e), 3)} for e in s.entries
-                  if e.kind != "submission" and s.headline(e) is not None]
-    return {"type": "pareto", "points": points, "front": [{"x": x, "y": y} for x, y in front],
-            "references": references, "xTitle": "fusion time (s, log scale)", "yTitle": s.headline_title,
-            "yUnit": "% of STL" if s.relative_to_stl else "%"}
+    return {"type": "pareto", **_front(points), "references": _levels(s), "xTitle": "fusion time (s, log scale)",
+            "yTitle": s.headline_title, "xUnit": "s", "yUnit": "% of STL" if s.relative_to_stl else "%"}
 
 
-def radar_chart(s: SuitePages) -> dict:
-    shown = [e for e in s.entries if e.kind == "reference"] + s.submission_entries[:RADAR_SUBMISSIONS]
-    return {"type": "radar", "labels": s.tasks, "valueTitle": s.task_value_title,
-            "series": [{"label": e.label, "values": s.task_values(e)} for e in shown]}
+def cost_chart(s: SuitePages) -> dict:
+    """Headline value vs inference cost in models of the base architecture, references as points too:
+    an ensemble of k experts, or STL's expert per task, is not free at inference."""
+    points = [{"x": round(x, 4), "y": round(s.headline(e), 3), "label": e.label, "color": s.colors[e.label]}
+              for e in s.computed if (x := s.models_at_inference(e)) is not None and s.headline(e) is not None]
+    return {"type": "pareto", **_front(points), "references": [],
+            "xTitle": "inference cost (x one model: parameters at inference / the pre-trained model's)",
+            "yTitle": s.headline_title, "xUnit": "x", "yUnit": "% of STL" if s.relative_to_stl else "%"}
 
 
-def task_bars_chart(s: SuitePages, e: Entry) -> dict:
-    shown = [e] + [r for r in s.entries if r.kind == "reference" and r.run_id != e.run_id]
-    return {"type": "bars", "labels": s.tasks, "yTitle": s.task_value_title,
-            "series": [{"label": r.label, "values": s.task_values(r)} for r in shown]}
+def _front(points: list[dict]) -> dict:
+    return {"points": points, "front": [{"x": x, "y": y} for x, y in pareto_front((p["x"], p["y"]) for p in points)]}
+
+
+def _levels(s: SuitePages) -> list[dict]:
+    return [{"label": e.label, "y": round(s.headline(e), 3), "color": s.colors[e.label]} for e in s.entries
+            if e.kind != "submission" and s.headline(e) is not None]
+
+
+def shown_in_charts(s: SuitePages, entries: list[Entry]) -> list[Entry]:
+    """References and the top submissions: more bars than that in one group are not legible."""
+    return [e for e in entries if e.kind == "reference"] + \
+        [e for e in entries if e.kind == "submission"][:CHART_SUBMISSIONS]
+
+
+def bars(s: SuitePages, labels: list[str], title: str, series: list[tuple[Entry, list[float | None]]]) -> dict:
+    return {"type": "bars", "labels": labels, "yTitle": title,
+            "series": [{"label": e.label, "values": values, "color": s.colors[e.label]} for e, values in series]}
+
+
+def task_bars_chart(s: SuitePages, e: Entry | None = None) -> dict:
+    """Per-task values of `e` beside the references, or of the references and the top submissions."""
+    shown = [e] + [r for r in s.entries if r.kind == "reference" and r.run_id != e.run_id] if e is not None \
+        else shown_in_charts(s, s.entries)
+    return bars(s, s.tasks, s.task_value_title, [(r, s.task_values(r)) for r in shown])
+
+
+def robustness_chart(s: SuitePages) -> dict:
+    shown = shown_in_charts(s, s.entries)
+    return bars(s, ["clean", *s.conditions], f"mean {s.score_title} over tasks",
+                [(e, [_round(e.average), *[_round(e.extra.get("conditions", {}).get(c)) for c in s.conditions]])
+                 for e in shown])
+
+
+def generalization_chart(s: SuitePages, split: dict) -> dict:
+    shown = shown_in_charts(s, s.split_entries[split["name"]])
+    return bars(s, ["seen tasks", "unseen tasks"], f"mean {s.score_title}",
+                [(e, [_round(e.extra["seen"]), _round(e.extra["unseen"])]) for e in shown])
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def heat_rows(s: SuitePages) -> list[dict]:
+    """Every entry's per-task chart value, each with a shade 0-4 by its place in the task's range:
+    a table that stays legible where a chart of every entry would not."""
+    values = {e.label: s.task_values(e) for e in s.entries}
+    columns = list(zip(*values.values())) if values else []
+    ranges = [(min(c), max(c)) if (c := [v for v in col if v is not None]) else (0, 0) for col in columns]
+    return [{"entry": e, "cells": [{"value": v, "shade": _shade(v, lo, hi)}
+                                   for v, (lo, hi) in zip(values[e.label], ranges)]} for e in s.entries]
+
+
+def _shade(v: float | None, lo: float, hi: float) -> int | None:
+    if v is None:
+        return None
+    return 4 if hi == lo else min(4, int((v - lo) / (hi - lo) * 5))
 
 
 # ----------------------------------------------------------------------------- entry pages
@@ -371,7 +624,8 @@ def entry_page(s: SuitePages, e: Entry) -> dict:
             "clean": clean, "conditions": conditions, "robust": by_task_metric_condition, "params": params, "grid": grid,
             "packages": json.loads(run["packages"]) if run.get("packages") else {}, "settings": settings,
             "inputs": json.loads(run["inputs"]) if run.get("inputs") else {},
-            "task_chart": task_bars_chart(s, e)}
+            "task_chart": task_bars_chart(s, e), "about": s.about_reference(e),
+            "paper": s.paper.get(e.label)}
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -399,6 +653,9 @@ def environment() -> jinja2.Environment:
     env.filters["count"] = lambda v: count(v).text
     env.filters["metric_hint"] = metric_hint
     env.filters["sentence"] = lambda v: v[:1].upper() + v[1:]
+    env.filters["slug"] = slug
+    env.filters["signed"] = lambda v: "" if v is None else f"{v:+.2f}"
+    env.filters["ci"] = lambda v: "" if v is None else f"[{v[0]:.1f}, {v[1]:.1f}]"
     return env
 
 
@@ -519,7 +776,13 @@ def _render(store: Store, out: Path) -> tuple[int, int]:
         target.write_text(env.get_template(template).render(root="../" * depth, **common, **values))
         pages += 1
 
-    write("index.html", "index.html", suites=suites, top=TOP_ON_INDEX)
+    cards = registered_method_cards()
+    downloads = write_downloads(store, out / "downloads")
+    write("index.html", "index.html", suites=suites, top=TOP_ON_INDEX, cards=cards, downloads=downloads)
+    write("about.html", "about.html")
+    write("submit.html", "submit.html", suites=suites, example=example_submission())
+    for name, card in sorted(cards.items()):
+        write(f"methods/{slug(name)}.html", "method.html", **method_page(card, suites))
     for s in suites:
         tables = {"leaderboard": leaderboard_table(s),
                   "robustness": robustness_table(s) if s.conditions else None,
@@ -528,11 +791,31 @@ def _render(store: Store, out: Path) -> tuple[int, int]:
             if t is not None:
                 (out / s.dir).mkdir(parents=True, exist_ok=True)
                 (out / s.dir / t.csv_name).write_text(t.csv_text(), newline="")
-        write(f"{s.dir}/index.html", "suite.html", suite=s, tables=tables,
-              charts={"pareto": pareto_chart(s), "radar": radar_chart(s)})
+        charts = {"pareto": pareto_chart(s), "cost": cost_chart(s), "tasks": task_bars_chart(s),
+                  "robustness": robustness_chart(s) if s.conditions else None,
+                  "generalization": {g["name"]: generalization_chart(s, g) for g in s.splits}}
+        write(f"{s.dir}/index.html", "suite.html", suite=s, tables=tables, charts=charts, heat=heat_rows(s),
+              filters=filter_options(s), cards=cards)
+        write(f"{s.dir}/compare.html", "compare.html", suite=s, comparisons=comparisons(store, s))
+        for task in s.tasks:
+            write(f"{s.dir}/tasks/{slug(task)}.html", "task.html", suite=s, **task_page(s, task))
         for e in s.entries:
-            write(f"{s.dir}/{s.page(e)}", "entry.html", suite=s, **entry_page(s, e))
+            if s.page(e):
+                write(f"{s.dir}/{s.page(e)}", "entry.html", suite=s, **entry_page(s, e))
     return pages, len(suites)
+
+
+def filter_options(s: SuitePages) -> dict[str, list[str]]:
+    """The values each filter of a suite page offers: those its submissions have."""
+    subs = s.submission_entries
+    return {"access": sorted({e.data_access or "" for e in subs}), "category": sorted({s.category(e) for e in subs}),
+            "output": sorted({e.output_kind or "" for e in subs})}
+
+
+def example_submission() -> str:
+    """The shipped task arithmetic submission, as the how-to-submit page's example."""
+    path = REPO_ROOT / "submissions" / "task_arithmetic.yaml"
+    return path.read_text() if path.is_file() else "name: my-merge\nmethod: task_arithmetic\nparams:\n  scaling_factor: 0.3\n"
 
 
 def preview_server(directory: Path | str, port: int = 8000):

@@ -60,10 +60,14 @@ def test_builds_a_suite_without_runs_and_lists_failed_runs_as_text(tmp_path):
     store.write_run(Run(run_key="k", kind="submission", label="broken", suite="tiny-small", status="failed",
                         error="ValueError: <script>alert(1)</script>"), [])
     report = build(store, tmp_path / "out")
-    assert (report.suites, report.pages) == (1, 2)
+    assert report.suites == 1 and (tmp_path / "out" / "suites" / "tiny-small" / "compare.html").is_file()
+    assert not (tmp_path / "out" / "suites" / "tiny-small" / "submissions").exists()  # nothing computed: no entry page
     suite = (tmp_path / "out" / "suites" / "tiny-small" / "index.html").read_text()
     assert "Failed runs" in suite and "&lt;script&gt;alert(1)&lt;/script&gt;" in suite and "<script>alert" not in suite
-    assert read_csv(tmp_path / "out" / "suites" / "tiny-small" / "leaderboard.csv") == []
+    # The suite file's paper row is on the page although no submit stored it, marked as not run here.
+    rows = read_csv(tmp_path / "out" / "suites" / "tiny-small" / "leaderboard.csv")
+    assert [(r["method"], r["kind"]) for r in rows] == [("Made-up paper row", "published")]
+    assert "test fixture, Table 0 (from the suite file; not run here)" in suite
     (tmp_path / "file").write_text("x")
     with pytest.raises(FbhError):
         build(store, tmp_path / "file")
@@ -138,7 +142,7 @@ def nyuv2_like_runs() -> dict:
 
 
 def test_charts_of_a_mixed_direction_suite_plot_percent_of_stl(tmp_path):
-    """Scores and errors on one radar only compare as % of the STL expert (higher is better for both);
+    """Scores and errors on one chart only compare as % of the STL expert (higher is better for both);
     the Pareto chart, with no plain average to plot, uses the normalized score."""
     from harness.site import build
     store = Store(tmp_path / "db.duckdb")
@@ -148,9 +152,9 @@ def test_charts_of_a_mixed_direction_suite_plot_percent_of_stl(tmp_path):
     _, entries = table(store, "nyu-like")
     normalized = {e.label: e.normalized for e in entries}
 
-    radar = chart_data(suite / "index.html", "radar")
-    assert radar["labels"] == ["segmentation", "depth", "normal"] and "% of STL" in radar["valueTitle"]
-    values = {s["label"]: s["values"] for s in radar["series"]}
+    per_task = chart_data(suite / "index.html", "tasks")
+    assert per_task["labels"] == ["segmentation", "depth", "normal"] and "% of STL" in per_task["yTitle"]
+    values = {s["label"]: s["values"] for s in per_task["series"]}
     assert values["STL"] == [100, 100, 100]
     assert values["fast"] == pytest.approx([40 / 50 * 100, 40 / 50 * 100, 25 / 30 * 100], abs=1e-3)
     assert values["pretrained"] == pytest.approx([20, 50, 50], abs=1e-3)  # errors: STL / error, not the error
@@ -165,7 +169,7 @@ def test_charts_of_a_mixed_direction_suite_plot_percent_of_stl(tmp_path):
 
     entry = suite / "submissions" / "fast.html"
     bars = chart_data(entry, "tasks")
-    assert bars["yTitle"] == radar["valueTitle"] and bars["series"][0]["values"] == values["fast"]
+    assert bars["yTitle"] == per_task["yTitle"] and bars["series"][0]["values"] == values["fast"]
     # Each metric of a task keeps its own corrupted value (the lookup is by task and metric).
     assert table_text(entry, "robustness")[1:] == [
         ["segmentation", "miou", "40.0", "30.0"], ["segmentation", "pixel_accuracy", "65.0", "61.0"],
@@ -188,13 +192,14 @@ def test_charts_of_an_accuracy_suite_plot_raw_accuracy(tmp_path):
         ("submission", "merged"): {("a", "accuracy"): 70.0, ("b", "accuracy"): 60.0, "fusion": 1.5}})
     build(store, tmp_path / "out")
     suite = tmp_path / "out" / "suites" / "acc"
-    radar = chart_data(suite / "index.html", "radar")
-    assert radar["valueTitle"] == "accuracy (%)"
-    assert {s["label"]: s["values"] for s in radar["series"]} == {"STL": [90.0, 80.0], "merged": [70.0, 60.0]}
+    per_task = chart_data(suite / "index.html", "tasks")
+    assert per_task["yTitle"] == "accuracy (%)"
+    assert {s["label"]: s["values"] for s in per_task["series"]} == {"STL": [90.0, 80.0], "merged": [70.0, 60.0]}
     pareto = chart_data(suite / "index.html", "pareto")
     assert pareto["yTitle"] == "average accuracy (%)" and pareto["yUnit"] == "%"
-    assert pareto["points"] == [{"x": 1.5, "y": 65.0, "label": "merged"}]
-    assert pareto["references"] == [{"label": "STL", "y": 85.0}]
+    colors = {s["label"]: s["color"] for s in per_task["series"]}
+    assert pareto["points"] == [{"x": 1.5, "y": 65.0, "label": "merged", "color": colors["merged"]}]
+    assert pareto["references"] == [{"label": "STL", "y": 85.0, "color": colors["STL"]}]
     assert chart_data(suite / "submissions" / "merged.html", "tasks")["yTitle"] == "accuracy (%)"
 
 
@@ -240,10 +245,10 @@ def test_site_files_match_the_leaderboard(built):
     assert float(ensemble["fusion s"]) > 0 and int(ensemble["peak MiB"]) > 0
 
     # Every metric is an accuracy: the charts plot raw accuracy and the average, as before multi-metric suites.
-    radar = chart_data(suite / "index.html", "radar")
-    assert radar["valueTitle"] == "accuracy (%)"
+    per_task = chart_data(suite / "index.html", "tasks")
+    assert per_task["yTitle"] == "accuracy (%)"
     by_label = {e.label: e for e in entries}
-    for series in radar["series"]:
+    for series in per_task["series"]:
         assert series["values"] == [by_label[series["label"]].scores[t] for t in tasks]
     pareto = chart_data(suite / "index.html", "pareto")
     assert pareto["yTitle"] == "average accuracy (%)"
@@ -310,7 +315,7 @@ def test_preview_server_is_local_only(built):
         try:
             url = f"http://127.0.0.1:{server.server_address[1]}/suites/tiny-small/leaderboard.csv"
             with urllib.request.urlopen(url, timeout=10) as resp:
-                assert resp.read().decode().startswith("kind,method,digits")
+                assert resp.read().decode().startswith("method,kind,rank,digits")
         finally:
             server.shutdown()
             thread.join()
@@ -357,15 +362,16 @@ def column(pg, table_id: str, body: str, index: int) -> list[str]:
 def test_suite_page_renders_sorts_and_plots(built, page):
     _, out = built
     page.goto((out / "suites" / "tiny-small" / "index.html").as_uri())
-    assert column(page, "leaderboard", "references", 1) == ["pretrained", "STL", "MTL", "Made-up paper row"]
-    subs = column(page, "leaderboard", "submissions", 1)
+    assert column(page, "leaderboard", "references", 0) == ["pretrained", "STL", "MTL"]
+    assert column(page, "leaderboard", "published", 0) == ["Made-up paper rowpublished: test fixture, Table 0"]
+    subs = column(page, "leaderboard", "submissions", 0)
     assert sorted(subs) == ["hostile-average", "simple-ensemble", "task-arithmetic"]
     assert page.locator("#robustness tbody tr").count() == 7
     assert page.locator("table[id^=generalization] tbody.submissions tr").count() == 3
     charted = page.eval_on_selector_all("canvas[data-chart]", "cs => cs.map(c => !!Chart.getChart(c))")
-    assert charted == [True, True]
+    assert charted == [True] * 5  # Pareto, cost, per task, robustness, generalization
 
-    digits = 2  # columns: kind, method, then the tasks
+    digits = 3  # columns: method, kind, rank, then the tasks
     header = page.locator("#leaderboard thead th").nth(digits)
     assert header.text_content().strip() == "digits"
     values = lambda body: [float(v) for v in column(page, "leaderboard", body, digits)]
@@ -376,9 +382,9 @@ def test_suite_page_renders_sorts_and_plots(built, page):
     assert page.locator("#leaderboard tbody").first.get_attribute("class") == "references"
     header.locator("button").click()
     assert values("submissions") == sorted(values("submissions"))
-    method = page.locator("#leaderboard thead th").nth(1)
+    method = page.locator("#leaderboard thead th").nth(0)
     method.locator("button").click()
-    assert column(page, "leaderboard", "submissions", 1) == sorted(subs)
+    assert column(page, "leaderboard", "submissions", 0) == sorted(subs)
 
     with page.expect_download() as download:
         page.locator("#leaderboard caption a.csv").click()
@@ -448,6 +454,282 @@ def test_mixed_direction_charts_draw_with_their_titles(tmp_path, page):
                                                           : chart.options.plugins.title.text,
                 chart.data.datasets[0].data.length];
     })""")
-    assert drawn[0] == ["scatter", "normalized score (% of STL)", 2]
-    assert drawn[1][0] == "radar" and "% of STL" in drawn[1][1] and drawn[1][2] == 3
+    assert drawn[0] == ["scatter", "normalized score (% of STL)", 1]  # a dataset per submission: its own colour
+    assert drawn[2][0] == "bar" and "% of STL" in drawn[2][1] and drawn[2][2] == 3
     assert page.errors == []
+
+
+# ----------------------------------------------------------------------------- the researcher's site (#20)
+
+def paper_suite(store: Store, with_run: bool) -> None:
+    """A suite whose file pins two paper rows (one naming task_arithmetic), and optionally a computed
+    task-arithmetic submission 0.2 and 0.6 points off the paper row, within its 1.0 tolerance."""
+    store.upsert_suite({"name": "paper", "title": "paper", "tasks": [{"name": "a"}, {"name": "b"}],
+                        "references": {"published": [
+                            {"label": "Task Arithmetic", "method": "task_arithmetic", "source": "FusionBench Table 3",
+                             "tolerance": 1.0, "values": {"a": 70.0, "b": 60.0}},
+                            {"label": "Ties-Merging", "source": "FusionBench Table 3", "values": {"a": 72.0, "b": 61.0}},
+                            {"label": "Other split", "source": "Table 9", "split": "s", "values": {"a": 1.0}}]}}, "h")
+    if with_run:
+        for label, method, values in (("STL", None, (90.0, 80.0)), ("my-ta", "task_arithmetic", (70.2, 60.6))):
+            store.write_run(Run(run_key=label, kind="reference" if method is None else "submission", label=label,
+                                suite="paper", method=method, output_kind="merged", n_parameters=10,
+                                finished_at=datetime(2026, 1, 1)),
+                            [{"task": t, "metric": "accuracy", "condition": "clean", "task_split": "seen", "value": v,
+                              "n": 10} for t, v in zip("ab", values)])
+
+
+def test_paper_rows_show_without_runs_and_the_difference_once_computed(tmp_path, page):
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    paper_suite(store, with_run=False)
+    build(store, tmp_path / "out")
+    suite = tmp_path / "out" / "suites" / "paper" / "index.html"
+    page.goto(suite.as_uri())
+    # Both clean 'all' rows of the suite file, with their source as visible text, marked as not run here.
+    assert column(page, "leaderboard", "published", 1) == ["published", "published"]
+    sources = page.locator("#leaderboard tbody.published .source")
+    assert sources.count() == 2 and all(sources.nth(i).is_visible() for i in range(2))
+    assert "FusionBench Table 3 (from the suite file; not run here)" in sources.first.text_content()
+    assert page.locator("#leaderboard tbody.submissions, #leaderboard tbody.references").count() == 0
+    assert page.locator("#leaderboard thead th", has_text="vs paper").count() == 0
+    assert page.errors == []
+    page.goto((suite.parent / "compare.html").as_uri())
+    assert page.locator("#compare-empty").is_visible()  # paper rows are never compared as if computed
+
+    paper_suite(store, with_run=True)
+    build(store, tmp_path / "out")
+    page.goto(suite.as_uri())
+    headers = page.eval_on_selector_all("#leaderboard thead th", "ths => ths.map(t => t.textContent.trim())")
+    mine = page.locator("#leaderboard tbody.submissions tr").first.locator("td")
+    assert mine.nth(headers.index("vs paper")).text_content() == "+0.4 within 1"  # mean of +0.2 and +0.6
+    assert page.locator("#leaderboard tbody.references tr").first.locator("td").nth(headers.index("vs paper")) \
+        .text_content() == ""
+    entry = (tmp_path / "out" / "suites" / "paper" / "submissions" / "my-ta.html").read_text()
+    assert "Difference from the paper: +0.40" in entry and "within 1.0" in entry
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_comparison_page_gives_the_paired_bootstrap_of_fbh_compare(built, page):
+    from harness.leaderboard import compare
+    db, out = built
+    page.goto((out / "suites" / "tiny-small" / "compare.html").as_uri())
+    for a, b in (("task-arithmetic", "simple-ensemble"), ("simple-ensemble", "task-arithmetic"), ("STL", "hostile-average")):
+        page.select_option("#compare-a", a)
+        page.select_option("#compare-b", b)
+        _, _, expected = compare(Store(db), "tiny-small", a, b)
+        shown = page.eval_on_selector_all("#compare-table tbody tr",
+                                          "rows => rows.map(r => Array.from(r.cells, c => c.textContent))")
+        assert [r[0] for r in shown] == [d.what for d in expected] and expected[-1].what == "average"
+        for row, d in zip(shown, expected):
+            assert float(row[3]) == pytest.approx(d.difference, abs=0.006)
+            lo, hi = (float(v) for v in row[4].strip("[]").split(","))
+            assert (lo, hi) == pytest.approx(d.ci, abs=0.006)
+            assert float(row[5]) == pytest.approx(d.p_value, rel=0.05)
+        assert page.locator("#compare-summary").text_content().startswith(f"{a} minus {b} on average")
+    page.select_option("#compare-b", "STL")
+    assert page.locator("#compare-table tbody tr").count() == 0  # an entry against itself
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_filters_and_the_best_merge(built, page):
+    _, out = built
+    page.goto((out / "suites" / "tiny-small" / "index.html").as_uri())
+    visible = lambda: page.eval_on_selector_all(  # noqa: E731
+        "#leaderboard tbody.submissions tr", "rows => rows.filter(r => !r.hidden).map(r => r.cells[0].textContent.trim())")
+    assert sorted(visible()) == ["hostile-average", "simple-ensemble", "task-arithmetic"]
+    page.select_option("select[data-filter=category]", "ensemble")
+    assert visible() == ["simple-ensemble"]
+    assert page.locator("#filter-count").text_content() == "1 of 3 submissions shown"
+    assert page.locator("#leaderboard tbody.references tr:visible").count() == 3  # yardsticks stay
+    page.select_option("select[data-filter=category]", "")
+    page.select_option("select[data-filter=access]", "none")  # a grid search reads labelled validation data
+    assert sorted(visible()) == ["simple-ensemble", "task-arithmetic"]
+    page.check("#merges-only")
+    assert visible() == ["task-arithmetic"]
+    page.select_option("select[data-filter=output]", "ensemble")
+    assert visible() == []
+    best_merge = page.locator("#best-merge a").text_content()
+    assert best_merge in ("hostile-average", "task-arithmetic")
+    assert page.locator("#best-overall a").text_content() == column(page, "leaderboard", "submissions", 0)[0]
+
+    cost, toggle = page.locator("#leaderboard thead th.cost"), page.locator("#toggle-costs")
+    if toggle.get_attribute("aria-pressed") == "true":  # started hidden: the table did not fit the window
+        toggle.click()
+    assert cost.count() == 4 and cost.first.is_visible() and toggle.get_attribute("aria-pressed") == "false"
+    toggle.click()
+    assert not cost.first.is_visible() and not page.locator("#leaderboard td.cost").first.is_visible()
+    assert not page.locator("#leaderboard th.detail").first.is_visible()
+    assert page.locator("#leaderboard thead th", has_text="average").is_visible()
+    assert page.errors == []
+
+
+def chart_colors(pg) -> list[dict[str, str]]:
+    """Per chart of the page: entry label -> the colour Chart.js drew its dataset in."""
+    return pg.eval_on_selector_all("canvas[data-chart]", """cs => cs.map(c => Object.fromEntries(
+        Chart.getChart(c).data.datasets.filter(d => d.label !== 'Pareto front').map(d => [d.label, d.borderColor])))""")
+
+
+@pytest.mark.slow
+def test_an_entry_has_one_colour_in_every_chart(built, page):
+    _, out = built
+    suite = out / "suites" / "tiny-small"
+    seen: dict[str, set[str]] = {}
+    for html in (suite / "index.html", suite / "submissions" / "task-arithmetic.html", suite / "tasks" / "digits.html"):
+        page.goto(html.as_uri())
+        charts = chart_colors(page)
+        assert charts and all(charts)
+        for chart in charts:
+            for label, color in chart.items():
+                seen.setdefault(label, set()).add(color)
+    assert {"pretrained", "STL", "MTL", "Made-up paper row", "task-arithmetic", "simple-ensemble"} <= set(seen)
+    assert all(len(colors) == 1 for colors in seen.values()), seen
+    assert len({c for colors in seen.values() for c in colors}) == len(seen)  # and no two entries share one
+    assert page.errors == []
+
+
+def no_sideways_scroll(pg) -> bool:
+    return pg.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+
+@pytest.mark.slow
+def test_no_horizontal_page_scroll_at_1366_and_400_px(built, browser):
+    _, out = built
+    suite = out / "suites" / "tiny-small"
+    for width, pages in ((1366, [suite / "index.html", suite / "compare.html"]),
+                         (400, [out / "index.html", suite / "submissions" / "task-arithmetic.html",
+                                suite / "submissions" / "hostile-average.html", suite / "references" / "stl.html",
+                                out / "methods" / "task_arithmetic.html"])):
+        context = browser.new_context(viewport={"width": width, "height": 800})
+        pg = context.new_page()
+        for html in pages:
+            pg.goto(html.as_uri())
+            assert no_sideways_scroll(pg), (width, html)
+        if width == 1366:
+            pg.goto((suite / "index.html").as_uri())
+            # the whole leaderboard fits its box at 1366 px, the entry's name column stays in view
+            assert pg.evaluate("(w => w.scrollWidth <= w.clientWidth)(document.querySelector('#leaderboard').parentElement)")
+            assert pg.eval_on_selector("#leaderboard td.first", "td => getComputedStyle(td).position") == "sticky"
+        else:
+            pg.goto((out / "index.html").as_uri())
+            # who wins is visible without scrolling sideways
+            best = pg.locator("#suites tbody td").nth(1).locator("a").first.bounding_box()
+            assert best["x"] + best["width"] <= 400
+        context.close()
+
+
+@pytest.mark.slow
+def test_downloads_parse_back_to_the_stored_rows(built):
+    import duckdb
+    db, out = built
+    stored = Store(db).query("SELECT results.run_id, task, task_split, condition, severity, metric, value, ci_low, "
+                             "ci_high, n, runs.fingerprint FROM results JOIN runs USING (run_id) WHERE runs.status = 'ok' "
+                             "AND runs.kind IN ('submission', 'reference', 'published')")
+    assert len(stored) > 50
+    key = lambda r: (r["run_id"], r["task"], r["task_split"], r["condition"], r["severity"], r["metric"])  # noqa: E731
+    want = {key(r): r for r in stored}
+    numbers = ("value", "ci_low", "ci_high")
+
+    def check(rows: list[dict], parse) -> None:
+        assert len(rows) == len(stored) and {key({k: parse(k, v) for k, v in r.items()}) for r in rows} == set(want)
+        for r in rows:
+            r = {k: parse(k, v) for k, v in r.items()}
+            expected = want[key(r)]
+            for k in numbers:
+                assert (r[k] is None) == (expected[k] is None) and (r[k] is None or r[k] == pytest.approx(expected[k]))
+            assert r["n"] == expected["n"] and r["fingerprint"] == expected["fingerprint"]
+
+    def from_csv(k, v):
+        if v == "":
+            return None
+        return float(v) if k in numbers else int(v) if k in ("severity", "n") else v
+
+    downloads = out / "downloads"
+    check(read_csv(downloads / "results.csv"), from_csv)
+    check(json.loads((downloads / "results.json").read_text()), lambda k, v: v)
+    parquet = duckdb.connect().execute(f"SELECT * FROM read_parquet('{downloads / 'results.parquet'}')")
+    names = [d[0] for d in parquet.description]
+    check([dict(zip(names, row)) for row in parquet.fetchall()], lambda k, v: v)
+    assert "replicates" not in names
+    copy = Store(downloads / "results.duckdb")
+    assert copy.counts() == Store(db).counts()
+    assert copy.query("SELECT count(*) AS n FROM results WHERE replicates IS NOT NULL")[0]["n"] > 0
+    index = (out / "index.html").read_text()
+    assert all(f'href="downloads/{name}" download' in index for name in
+               ("results.csv", "results.json", "results.parquet", "results.duckdb"))
+
+
+@pytest.mark.slow
+def test_method_task_reference_and_help_pages(built, page):
+    _, out = built
+    page.goto((out / "methods" / "task_arithmetic.html").as_uri())
+    assert "@inproceedings{ilharco2023editing" in page.locator("#bibtex").text_content()
+    assert page.locator("#citation a").get_attribute("href") == "https://arxiv.org/abs/2212.04089"
+    assert table_text(out / "methods" / "task_arithmetic.html", "method-params")[1] == [
+        "scaling_factor", "number", ">= 0.0; <= 10.0", "0.3", ""]
+    uses = page.eval_on_selector_all("#method-uses tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+    assert sorted(uses) == ["hostile-average", "task-arithmetic"]
+    suite = out / "suites" / "tiny-small"
+    digits = table_text(suite / "tasks" / "digits.html", "task-results")
+    assert {r[0] for r in digits[1:]} >= {"STL", "task-arithmetic", "simple-ensemble"} and len(digits) == 8
+    stl = (suite / "references" / "stl.html").read_text()
+    assert "one fine-tuned expert per task (3 models)" in stl and "3 experts of" in stl
+    assert table_text(suite / "index.html", "leaderboard")[2][-5] == "3 experts"  # STL's output column
+    about = (out / "about.html").read_text()
+    assert all(term in about for term in ("STL (single-task learning)", "MTL (multi-task learning)",
+                                          "normalized score", "unlabeled_test"))
+    submit = (out / "submit.html").read_text()
+    assert "method: task_arithmetic" in submit and "fbh submit my-merge.yaml --suite tiny-small" in submit
+    if os.environ.get("FBH_SITE_SCREENSHOTS"):
+        shots = Path(os.environ["FBH_SITE_SCREENSHOTS"])
+        for name, html in (("suite", suite / "index.html"), ("entry", suite / "submissions" / "task-arithmetic.html"),
+                           ("method", out / "methods" / "task_arithmetic.html"), ("compare", suite / "compare.html")):
+            page.goto(html.as_uri())
+            page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    assert page.errors == []
+
+
+def test_bibtex_only_from_a_citation_that_says_enough():
+    from harness.site_pages import bibtex, paper_link, parameter_rows
+    entry = bibtex('Yadav et al., "TIES-Merging: Resolving Interference When Merging Models", NeurIPS 2023. '
+                   'arXiv:2306.01708')
+    assert entry.startswith("@inproceedings{yadav2023ties") and "booktitle = {NeurIPS}" in entry
+    assert "eprint = {2306.01708}" in entry and "author = {Yadav and others}" in entry
+    assert bibtex("Averaging the weights of the models.") is None
+    assert paper_link("see doi:10.1000/xyz123.") == "https://doi.org/10.1000/xyz123"
+    assert paper_link("no link here") is None
+    rows = parameter_rows({"properties": {"k": {"type": "integer", "exclusiveMinimum": 0},
+                                          "mode": {"enum": ["a", "b"], "default": "a"},
+                                          "w": {"anyOf": [{"type": "array", "items": {"type": "number"}},
+                                                          {"type": "null"}], "default": None}}})
+    assert [(r["name"], r["type"], r["bounds"], r["default"]) for r in rows] == [
+        ("k", "integer", "> 0", "(required)"), ("mode", "any", "one of a, b", '"a"'),
+        ("w", "array of number or null", "", "null")]
+
+
+EIGHT_TASKS = ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+
+
+def test_an_eight_task_leaderboard_fits_1366_px(tmp_path, browser):
+    """FusionBench's eight-task table fits a 1366 px window: the cost and detail columns start hidden when
+    they would not fit, and shown again they scroll inside the table's own box, never the page."""
+    from harness.site import build
+    store = Store(tmp_path / "db.duckdb")
+    runs = {("reference", "pretrained"): {}, ("reference", "STL"): {}, ("submission", "a-long-submission-name"): {},
+            ("submission", "ties"): {}}
+    for i, values in enumerate(runs.values()):
+        values.update({(t, "accuracy"): 40.0 + 7 * i + j for j, t in enumerate(EIGHT_TASKS)}, fusion=1.0 + i)
+    stored_suite(store, "eight", {t: ["accuracy"] for t in EIGHT_TASKS}, runs)
+    build(store, tmp_path / "out")
+    context = browser.new_context(viewport={"width": 1366, "height": 800})
+    pg = context.new_page()
+    pg.goto((tmp_path / "out" / "suites" / "eight" / "index.html").as_uri())
+    fits = "(w => w.scrollWidth <= w.clientWidth)(document.querySelector('#leaderboard').parentElement)"
+    assert pg.evaluate(fits) and no_sideways_scroll(pg)
+    assert all(pg.locator("#leaderboard thead th", has_text=t).is_visible() for t in EIGHT_TASKS + ["average", "95% CI"])
+    if pg.locator("#toggle-costs").get_attribute("aria-pressed") == "true":
+        pg.click("#toggle-costs")
+    assert pg.locator("#leaderboard thead th.cost").first.is_visible() and no_sideways_scroll(pg)
+    context.close()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from harness.cli import main
 from harness.evaluate import bootstrap_replicates, task_seed
 from harness.store import Store
-from harness.uncertainty import paired_difference, rank_ranges
+from harness.uncertainty import paired_difference, paired_differences, rank_ranges
 from conftest import REPO, SMALL_TASKS
 
 
@@ -143,3 +143,18 @@ def test_seeds_are_one_entry_with_their_mean_and_spread(fbh_env, tmp_path, write
     assert "seeds" not in entry["extra"]
     assert fbh("validate", str(write_yaml("both.yaml", {"name": "b", "method": "dare", "seed": 3,
                                                         "seeds": [1, 2]}))).exit_code == 2
+
+
+def test_many_pairs_at_once_give_what_one_pair_at_a_time_gives():
+    """The site compares every pair of a suite's entries in one call; each row must be paired_difference's."""
+    rng = np.random.default_rng(0)
+    a_reps, b_reps = rng.normal(50, 2, (6, 400)), rng.normal(50.5, 2, (6, 400))
+    b_reps[2] = a_reps[2]                      # no difference at all: p = 1
+    a_reps[4, :3] = np.nan                     # a resample undefined for one entry: left out, as one by one
+    a, b = np.nanmean(a_reps, axis=1), b_reps.mean(axis=1)
+    together = paired_differences("t", a, b, a_reps, b_reps)
+    for k, d in enumerate(together):
+        one = paired_difference("t", float(a[k]), float(b[k]), a_reps[k], b_reps[k])
+        assert (d.what, d.resamples, d.difference) == (one.what, one.resamples, pytest.approx(one.difference))
+        assert d.ci == pytest.approx(one.ci, abs=1e-12) and d.p_value == pytest.approx(one.p_value, abs=1e-12)
+    assert together[2].p_value == 1.0 and together[4].resamples == 397
