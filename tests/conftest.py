@@ -84,6 +84,17 @@ def fbh_env(tmp_path_factory):
             os.environ[k] = v
 
 
+def shipped_submissions_db(db: Path, names: list[str]) -> Path:
+    """A results database holding the shipped submissions `names` (submissions/NAME.yaml), submitted through
+    the CLI to the session's default suite."""
+    from click.testing import CliRunner
+    from harness.cli import main
+    for name in names:
+        res = CliRunner().invoke(main, ["submit", str(REPO / "submissions" / f"{name}.yaml"), "--db", str(db), "--quiet"])
+        assert res.exit_code == 0, res.output
+    return db
+
+
 @pytest.fixture()
 def write_yaml(tmp_path):
     def write(name: str, data) -> Path:

@@ -18,7 +18,7 @@ STAGES = [  # in pipeline order; a module may import from its own stage and the 
     ("plan", {"planner"}),
     ("fuse and evaluate", {"isolation", "fusion_worker", "evaluate", "uncertainty"}),
     ("run", {"runner", "executors", "validate", "reproduce", "export"}),
-    ("present", {"leaderboard", "site"}),
+    ("present", {"leaderboard", "site", "site_pages"}),
     ("shell", {"ci", "cli"}),
 ]
 STAGE_OF = {name: i for i, (_, names) in enumerate(STAGES) for name in names}

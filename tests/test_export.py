@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from harness.cli import main
 from harness.store import Store
-from conftest import REPO
+from conftest import shipped_submissions_db
 
 pytestmark = pytest.mark.slow
 
@@ -20,10 +20,7 @@ def fbh(*args):
 
 @pytest.fixture(scope="module")
 def exported_db(fbh_env):
-    db = fbh_env / "export.duckdb"
-    for name in ("ties_merging", "simple_ensemble"):
-        assert fbh("submit", str(REPO / "submissions" / f"{name}.yaml"), "--db", str(db), "--quiet").exit_code == 0
-    return db
+    return shipped_submissions_db(fbh_env / "export.duckdb", ["ties_merging", "simple_ensemble"])
 
 
 def test_exported_model_gives_back_the_stored_scores(exported_db, tmp_path):

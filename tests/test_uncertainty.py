@@ -16,7 +16,7 @@ from harness.cli import main
 from harness.evaluate import bootstrap_replicates, task_seed
 from harness.store import Store
 from harness.uncertainty import paired_difference, paired_differences, rank_ranges
-from conftest import REPO, SMALL_TASKS
+from conftest import REPO, SMALL_TASKS, shipped_submissions_db
 
 
 def fbh(*args):
@@ -51,10 +51,7 @@ def test_paired_difference_and_rank_ranges_by_hand():
 
 @pytest.fixture(scope="module")
 def board_db(fbh_env):
-    db = fbh_env / "uncertainty.duckdb"
-    for name in ("task_arithmetic", "simple_average"):
-        assert fbh("submit", str(REPO / "submissions" / f"{name}.yaml"), "--db", str(db), "--quiet").exit_code == 0
-    return db
+    return shipped_submissions_db(fbh_env / "uncertainty.duckdb", ["task_arithmetic", "simple_average"])
 
 
 @pytest.mark.slow
