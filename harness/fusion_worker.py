@@ -1,4 +1,5 @@
-"""The fusion process: `python -m harness.fusion_worker FOLDER` (started by harness.isolation).
+"""The fusion process: main(FOLDER), forked by harness.isolation from its forkserver
+(or `python -m harness.fusion_worker FOLDER` by hand).
 
 It reads what the driver wrote into FOLDER (models, the declared examples, the family's
 fusion kit, the method and its params), runs the method and writes the fused result into

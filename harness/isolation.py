@@ -4,10 +4,11 @@ The driver (harness.runner) writes into a fresh temporary folder the base and th
 (safetensors), the examples of the one split the method declared (the first
 samples_per_task of each task, labels only for labelled access), a fusion kit of the family
 (FamilyBase.fusion_kit: the model template and the task heads, no resolver, no suite file,
-no data caches) and the method with its validated params. It starts `python -m
-harness.fusion_worker FOLDER` with an environment whose FBH_*/HF_* settings are replaced by
-empty folders, so the worker's harness.paths point at nothing of the driver's: no zoo, no
-evalset cache, no outputs cache, no database. The worker builds the FusionContext from that
+no data caches) and the method with its validated params. The fusion process (the worker,
+harness.fusion_worker.main) is forked from a forkserver: a fresh interpreter started once per
+driver, whose environment has the FBH_*/HF_* settings replaced by an empty folder, so the
+worker's harness.paths point at nothing of the driver's (no zoo, no evalset cache, no outputs
+cache, no database) and its memory holds imported modules only. The worker builds the FusionContext from that
 folder, runs the method and writes the fused result back: a state dict as safetensors
 (tensors only: no code of the method's comes back); an ensemble as references to the
 experts it was handed plus safetensors; anything else (a module of the method's own, a
@@ -134,12 +135,17 @@ def worker_env(empty: Path) -> dict[str, str]:
 _processes = None  # the multiprocessing context fusion processes start from, once per driver
 
 
-def fusion_processes(preload: list[str]):
+def fusion_processes(family_kind: str):
     """Fusion processes fork from a forkserver: a fresh interpreter, started once with worker_env,
     that has imported torch, the worker and the family's model code but holds nothing of this
-    process's memory, so each fusion process starts in milliseconds instead of importing torch."""
+    process's memory, so each fusion process starts in milliseconds instead of importing torch.
+    Called early (runner.submit), its imports overlap the driver's own work."""
     global _processes
     if _processes is None:
+        import importlib
+        from harness.families import FAMILIES
+        module, cls = FAMILIES[family_kind].split(":")
+        preload = [module, *getattr(importlib.import_module(module), cls).MODEL_MODULES]
         import multiprocessing
         from multiprocessing import forkserver
         context = multiprocessing.get_context("forkserver")
@@ -182,9 +188,7 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
         from harness import fusion_worker
-        family = handle.family
-        processes = fusion_processes([type(family).__module__, type(family.template()).__module__])
-        proc = processes.Process(target=fusion_worker.main, args=(str(folder),))
+        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_worker.main, args=(str(folder),))
         proc.start()
         try:
             write_inputs(folder, handle, tasks, info, params, seed, device)
