@@ -26,6 +26,7 @@ has no test labels at all (README, "Security").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -133,6 +134,7 @@ def worker_env(empty: Path) -> dict[str, str]:
 
 
 _processes = None  # the multiprocessing context fusion processes start from, once per driver
+_empty: Path | None = None  # the folder the fusion processes' FBH_*/HF_* settings point at
 
 
 def fusion_processes(family_kind: str):
@@ -150,16 +152,27 @@ def fusion_processes(family_kind: str):
         from multiprocessing import forkserver
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["harness.fusion_worker", "harness.pool", "harness.provenance", *preload])
-        saved = dict(os.environ)
-        try:  # the server copies the environment it starts in; it never sees the driver's settings
-            os.environ.clear()
-            os.environ.update(worker_env(Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))))
+        with scrubbed_environ():
             forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
         _processes = context
     return _processes
+
+
+@contextlib.contextmanager
+def scrubbed_environ():
+    """The environment the forkserver starts in, so it never sees the driver's settings. Every fusion
+    process is started inside it too: a server that died (killed by a method) restarts scrubbed."""
+    global _empty
+    if _empty is None:
+        _empty = Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(worker_env(_empty))
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int, device) -> None:
@@ -189,7 +202,8 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     try:
         from harness import fusion_worker
         proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_worker.main, args=(str(folder),))
-        proc.start()
+        with scrubbed_environ():
+            proc.start()
         try:
             write_inputs(folder, handle, tasks, info, params, seed, device)
             (folder / GO_MARKER).touch()
