@@ -31,8 +31,10 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -160,19 +162,23 @@ def fusion_processes(family_kind: str):
 
 @contextlib.contextmanager
 def scrubbed_environ():
-    """The environment the forkserver starts in, so it never sees the driver's settings. Every fusion
-    process is started inside it too: a server that died (killed by a method) restarts scrubbed."""
+    """What the forkserver and each fusion process start from: the environment without the driver's
+    settings (a server that died, killed by a method, restarts scrubbed too), and no main module:
+    multiprocessing would otherwise import the driver's script (`fbh`, pytest, a bench) again in
+    every fusion process, which costs its imports and is none of the fusion's business."""
     global _empty
     if _empty is None:
         _empty = Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))
-    saved = dict(os.environ)
+    saved, main = dict(os.environ), sys.modules.get("__main__")
     try:
         os.environ.clear()
         os.environ.update(worker_env(_empty))
+        sys.modules["__main__"] = types.ModuleType("__main__")
         yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        sys.modules["__main__"] = main
 
 
 def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int, device) -> None:

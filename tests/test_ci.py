@@ -183,8 +183,10 @@ def test_split_ci_fuses_with_the_prs_code_and_evaluates_with_the_trusted_harness
                           capture_output=True, text=True, timeout=600)
     text = report.read_text()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # doubled-bad
-    assert "| **doubled** (this PR) |" in text and "| all | ok |" in text
-    assert "base-module on tiny-small/all: data access not verified" in text
+    section = text.split("## doubled (method `doubled_mean_task_vector`)")[1].split("\n## ")[0]
+    for row in ("| pretrained |", "| STL |", "| **doubled** (this PR) |", "| all | ok |", "| two-seen | ok |"):
+        assert row in section, section
+    assert text.count("base-module on tiny-small/all: data access not verified") == 1
     plain_db = tmp_path / "plain.duckdb"
     fbh_ci(pr_repo, "--base", "HEAD~2", "--db", str(plain_db), "--report", str(tmp_path / "plain.md"), "--quiet")
     query = ("SELECT setting, task, condition, metric, value FROM runs JOIN results USING (run_id) "
