@@ -367,7 +367,13 @@ def evaluate_fused(folder: Path, *, db: Path, progress: Progress = print) -> CiR
         if "job" not in entry:
             sub.error = entry.get("error")
             continue
-        job = Job(**{**entry["job"], "seen": tuple(entry["job"]["seen"]), "unseen": tuple(entry["job"]["unseen"])})
+        try:  # the manifest was written by the PR's code: anything in it may be malformed
+            job = Job(**{**entry["job"], "seen": tuple(entry["job"]["seen"]), "unseen": tuple(entry["job"]["unseen"])})
+            if Path(entry["dir"]).name != entry["dir"] or entry["dir"] in ("", ".", ".."):
+                raise ValueError(f"'{entry['dir']}' is not a folder name")
+        except (KeyError, TypeError, ValueError) as exc:
+            sub.error = f"malformed manifest entry: {type(exc).__name__}: {exc}"
+            continue
         if entry.get("verified") is False:  # never loaded here: the PR job's plain `fbh ci` report has its scores
             result.notes.append(f"{sub.name} on {job.suite}/{job.setting}: {UNVERIFIED}")
             continue
