@@ -196,3 +196,15 @@ def test_split_ci_fuses_with_the_prs_code_and_evaluates_with_the_trusted_harness
     assert verified == [{"v": True}]
     assert Store(plain_db).query("SELECT DISTINCT data_access_verified AS v FROM runs WHERE label = 'base-module'"
                                  ) == [{"v": False}]
+
+
+def test_split_ci_bad_arguments_are_clear_errors(tmp_path):
+    from click.testing import CliRunner
+    from harness.cli import main
+    for args, field in ((["ci"], "--base"), (["ci", "--base", "HEAD", "--fuse-only"], "--out"),
+                        (["ci", "--evaluate", str(tmp_path / "nothing"), "--db", str(tmp_path / "x.duckdb")],
+                         "--evaluate")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and field in res.output and "fix:" in res.output, res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "x.duckdb").exists()
