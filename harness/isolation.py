@@ -37,9 +37,11 @@ import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from harness.errors import FbhError, MethodFailed
+from harness.fusion_worker import FUSING_MARKER, GO_MARKER, RESULT, load_state, save_state
+from harness.fusion_worker import main as fusion_main  # the fusion process's entry point
 from harness.paths import REPO_ROOT
 
 # How long the worker may take to start (import torch and the method, read its inputs) before
@@ -48,9 +50,6 @@ STARTUP_SECONDS = 300.0
 POLL_SECONDS = 0.02
 # Settings of the driver a worker must not inherit: they lead to the caches, zoos and database.
 PRIVATE_ENV_PREFIXES = ("FBH_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_CACHE")
-KEY_ORDER = "fbh_key_order"
-# Files the driver writes, and the worker's answers.
-GO_MARKER, FUSING_MARKER, RESULT = "go", "fusing", "result.json"
 UNVERIFIED = ("data access not verified: the fused result is code (a module of the method's own), which only "
               "a maintainer's approval (methods/approved.txt) lets trusted code load")
 BUDGET_FIX = ("lower the method's steps or data for this suite (a submission per suite), or argue for a larger "
@@ -67,37 +66,6 @@ class Fused:
     seconds: float              # from the method's call to its result written, measured by the driver
     peak_memory_bytes: int | None
     verified: bool              # only tensors came back: no code of the method's runs in the driver
-
-
-# ----------------------------------------------------------------------------- tensors on disk
-
-def save_state(state: Mapping[str, Any], path: Path) -> None:
-    """A state dict as safetensors, its key order kept (merges draw random masks in that order)."""
-    import torch
-    from safetensors.torch import save_file
-    seen: set[int] = set()
-    plain = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
-        t = v.detach().cpu().contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        plain[k] = t
-    save_file(plain, str(path), metadata={KEY_ORDER: json.dumps(list(plain))})
-
-
-def state_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()[KEY_ORDER])
-
-
-def load_state(path: Path, device="cpu") -> dict:
-    from safetensors.torch import load_file
-    tensors = load_file(str(path))
-    return {k: tensors[k].to(device) for k in state_keys(path)}
 
 
 # ----------------------------------------------------------------------------- the driver's side
@@ -206,8 +174,7 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     copy the worker's answer into (`fbh ci --fuse-only`), read later by read_result."""
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
-        from harness import fusion_worker
-        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_worker.main, args=(str(folder),))
+        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_main, args=(str(folder),))
         with scrubbed_environ():
             proc.start()
         try:
