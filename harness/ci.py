@@ -310,10 +310,13 @@ def fuse_changed(base: str, out: Path, progress: Progress = print) -> list[dict]
     import json
     out.mkdir(parents=True, exist_ok=True)
     suites = tier_suites("cpu")
+    changed = changed_files(base)
     entries = []
-    for path, reason in affected_submissions(changed_files(base)).items():
+    for path, reason in affected_submissions(changed).items():
         entries += fuse_submission(path, reason, suites, out, progress)
-    (out / MANIFEST).write_text(json.dumps({"base": base, "entries": entries}, indent=1))
+    head = _git("rev-parse", "--short", "HEAD").strip()
+    (out / MANIFEST).write_text(json.dumps({"base": base, "head": head, "changed": changed, "entries": entries},
+                                           indent=1))
     return entries
 
 
@@ -333,8 +336,8 @@ def fuse_submission(path: Path, reason: str, suites: list[str], out: Path, progr
                            "not compute", file=str(path), field="grid",
                            fix="run it with plain `fbh ci`, or submit the selected params without a grid")
         specs = [find_suite(s) for s in suites]
-        jobs = plan(sub, [(s, suite_inputs(s, f, progress)[1]) for s, f in specs], set(), force=True,
-                    file=str(path)).todo
+        jobs = [j for j in plan(sub, [(s, suite_inputs(s, f, progress)[1]) for s, f in specs], set(), force=True,
+                                file=str(path)).todo if j.kind == "submission"]  # references: the trusted job's
     except FbhError as exc:
         return [{**entry, "error": exc.render()}]
     entries = []
@@ -361,15 +364,17 @@ def evaluate_fused(folder: Path, *, db: Path, progress: Progress = print) -> CiR
     import json
     from harness.isolation import UNVERIFIED
     from harness.planner import Job
-    from harness.runner import Outcome
+    from harness.runner import Outcome, mean_clean
     from harness.store import Store
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise FbhError(f"cannot read the fusion job's manifest: {exc}", file=str(folder / MANIFEST),
                        field="--evaluate", fix="pass the folder `fbh ci --fuse-only --out DIR` wrote") from None
-    result = CiResult(base=manifest.get("base", "?"), head="fused results", tier="cpu", changed=[])
+    result = CiResult(base=manifest.get("base", "?"), head=manifest.get("head", "?"), tier="cpu",
+                      changed=manifest.get("changed", []))
     store = Store(db)
+    stored_suites: set[str] = set()
     by_path: dict[str, SubmissionResult] = {}
     for entry in manifest["entries"]:
         sub = by_path.setdefault(entry["path"], SubmissionResult(path=entry["path"], name=entry.get("name"),
@@ -377,17 +382,41 @@ def evaluate_fused(folder: Path, *, db: Path, progress: Progress = print) -> CiR
         if "job" not in entry:
             sub.error = entry.get("error")
             continue
-        job = Job(**{**entry["job"], "seen": tuple(entry["job"]["seen"]), "unseen": tuple(entry["job"]["unseen"])})
+        try:  # the manifest was written by the PR's code: anything in it may be malformed
+            job = Job(**{**entry["job"], "seen": tuple(entry["job"]["seen"]), "unseen": tuple(entry["job"]["unseen"])})
+            if Path(entry["dir"]).name != entry["dir"] or entry["dir"] in ("", ".", ".."):
+                raise ValueError(f"'{entry['dir']}' is not a folder name")
+        except (KeyError, TypeError, ValueError) as exc:
+            sub.error = f"malformed manifest entry: {type(exc).__name__}: {exc}"
+            continue
         if entry.get("verified") is False:  # never loaded here: the PR job's plain `fbh ci` report has its scores
             result.notes.append(f"{sub.name} on {job.suite}/{job.setting}: {UNVERIFIED}")
             continue
         if job.suite not in sub.suites:
             sub.suites.append(job.suite)
+        if job.suite not in stored_suites:  # the fingerprint the report ranks on, and the references
+            stored_suites.add(job.suite)
+            store_suite_and_references(store, job.suite, progress)
         run, rows = evaluate_entry(job, entry, folder / entry["dir"], progress)
         store.write_run(run, rows)
-        sub.outcomes.append(Outcome(run.suite, run.setting, run.label, run.status, run.run_id, run.error))
+        sub.outcomes.append(Outcome(run.suite, run.setting, run.label, run.status, run.run_id, run.error,
+                                    mean_clean(rows)))
     result.submissions = list(by_path.values())
     return result
+
+
+def store_suite_and_references(store, suite: str, progress: Progress) -> None:
+    """The suite's row, published rows and computed references, as a submit stores them (a database
+    restored from main's site job has them already: then nothing is recomputed)."""
+    from harness.planner import find_suite, plan
+    from harness.runner import run_jobs, store_published, store_suite, suite_inputs
+    spec, file = find_suite(suite)
+    on = suite_inputs(spec, file, progress)[1]
+    store_suite(store, spec, on, progress)
+    store_published(store, spec, file)
+    references = plan(None, [(spec, on)], set()).todo
+    done = store.completed_keys([j.key for j in references])
+    run_jobs(store, [j for j in references if j.key not in done], "cpu", progress)
 
 
 def evaluate_entry(job, entry: dict, out: Path, progress: Progress):

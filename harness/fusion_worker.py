@@ -1,4 +1,5 @@
-"""The fusion process: `python -m harness.fusion_worker FOLDER` (started by harness.isolation).
+"""The fusion process: main(FOLDER), forked by harness.isolation from its forkserver
+(or `python -m harness.fusion_worker FOLDER` by hand).
 
 It reads what the driver wrote into FOLDER (models, the declared examples, the family's
 fusion kit, the method and its params), runs the method and writes the fused result into
@@ -14,15 +15,46 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import torch
-from torch import nn
+# The folder's protocol, shared with the driver (harness.isolation): files the driver writes,
+# the worker's answers, and the metadata key that keeps a state dict's key order.
+GO_MARKER, FUSING_MARKER, RESULT = "go", "fusing", "result.json"
+KEY_ORDER = "fbh_key_order"
 
-from harness.isolation import FUSING_MARKER, GO_MARKER, RESULT, save_state
+
+def save_state(state: Mapping[str, Any], path: Path) -> None:
+    """A state dict as safetensors, its key order kept (merges draw random masks in that order)."""
+    import torch
+    from safetensors.torch import save_file
+    seen: set[int] = set()
+    plain = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
+        t = v.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        plain[k] = t
+    save_file(plain, str(path), metadata={KEY_ORDER: json.dumps(list(plain))})
+
+
+def state_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()[KEY_ORDER])
+
+
+def load_state(path: Path, device="cpu") -> dict:
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    return {k: tensors[k].to(device) for k in state_keys(path)}
 
 
 def fuse(info, ctx, params):
     """Run the method on ctx as every run does: seeded, and handed no more examples than it declared."""
+    import torch
     torch.manual_seed(ctx.seed)
     ctx.samples_per_task = info.samples_per_task(params)
     return info.fn(ctx, params)
@@ -31,7 +63,7 @@ def fuse(info, ctx, params):
 def load_context(folder: Path, job: dict):
     from harness.api import FusionContext, DataAccessError, _ALLOWED_SPLITS
     from harness.pool import LazyStateDict
-    from harness.isolation import state_keys
+    import torch
     from safetensors.torch import load_file
     device = torch.device(job["device"])
 
@@ -57,6 +89,8 @@ def load_context(folder: Path, job: dict):
 
 
 def write_result(out: Path, fused, ctx, peak: int) -> None:
+    import torch
+    from torch import nn
     from harness.api import Ensemble
     result: dict = {"peak_memory_bytes": peak}
     if isinstance(fused, Ensemble) and not any(isinstance(m, nn.Module) for m in fused.members):
@@ -87,6 +121,7 @@ def write_result(out: Path, fused, ctx, peak: int) -> None:
 def main(folder: str | Path) -> int:
     """The fusion process's work: its exit status is 0 when out/result.json holds a result."""
     import os
+    import torch
     from harness.provenance import PeakMemory
     folder = Path(folder)
     os.chdir(folder)

@@ -4,10 +4,11 @@ The driver (harness.runner) writes into a fresh temporary folder the base and th
 (safetensors), the examples of the one split the method declared (the first
 samples_per_task of each task, labels only for labelled access), a fusion kit of the family
 (FamilyBase.fusion_kit: the model template and the task heads, no resolver, no suite file,
-no data caches) and the method with its validated params. It starts `python -m
-harness.fusion_worker FOLDER` with an environment whose FBH_*/HF_* settings are replaced by
-empty folders, so the worker's harness.paths point at nothing of the driver's: no zoo, no
-evalset cache, no outputs cache, no database. The worker builds the FusionContext from that
+no data caches) and the method with its validated params. The fusion process (the worker,
+harness.fusion_worker.main) is forked from a forkserver: a fresh interpreter started once per
+driver, whose environment has the FBH_*/HF_* settings replaced by an empty folder, so the
+worker's harness.paths point at nothing of the driver's (no zoo, no evalset cache, no outputs
+cache, no database) and its memory holds imported modules only. The worker builds the FusionContext from that
 folder, runs the method and writes the fused result back: a state dict as safetensors
 (tensors only: no code of the method's comes back); an ensemble as references to the
 experts it was handed plus safetensors; anything else (a module of the method's own, a
@@ -25,17 +26,22 @@ has no test labels at all (README, "Security").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from harness.errors import FbhError, MethodFailed
+from harness.fusion_worker import FUSING_MARKER, GO_MARKER, RESULT, load_state, save_state
+from harness.fusion_worker import main as fusion_main  # the fusion process's entry point
 from harness.paths import REPO_ROOT
 
 # How long the worker may take to start (import torch and the method, read its inputs) before
@@ -44,9 +50,6 @@ STARTUP_SECONDS = 300.0
 POLL_SECONDS = 0.02
 # Settings of the driver a worker must not inherit: they lead to the caches, zoos and database.
 PRIVATE_ENV_PREFIXES = ("FBH_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_CACHE")
-KEY_ORDER = "fbh_key_order"
-# Files the driver writes, and the worker's answers.
-GO_MARKER, FUSING_MARKER, RESULT = "go", "fusing", "result.json"
 UNVERIFIED = ("data access not verified: the fused result is code (a module of the method's own), which only "
               "a maintainer's approval (methods/approved.txt) lets trusted code load")
 BUDGET_FIX = ("lower the method's steps or data for this suite (a submission per suite), or argue for a larger "
@@ -63,37 +66,6 @@ class Fused:
     seconds: float              # from the method's call to its result written, measured by the driver
     peak_memory_bytes: int | None
     verified: bool              # only tensors came back: no code of the method's runs in the driver
-
-
-# ----------------------------------------------------------------------------- tensors on disk
-
-def save_state(state: Mapping[str, Any], path: Path) -> None:
-    """A state dict as safetensors, its key order kept (merges draw random masks in that order)."""
-    import torch
-    from safetensors.torch import save_file
-    seen: set[int] = set()
-    plain = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"entry '{k}' of the fused state dict is {type(v).__name__}, not a tensor")
-        t = v.detach().cpu().contiguous()
-        if t.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage (tied weights)
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        plain[k] = t
-    save_file(plain, str(path), metadata={KEY_ORDER: json.dumps(list(plain))})
-
-
-def state_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()[KEY_ORDER])
-
-
-def load_state(path: Path, device="cpu") -> dict:
-    from safetensors.torch import load_file
-    tensors = load_file(str(path))
-    return {k: tensors[k].to(device) for k in state_keys(path)}
 
 
 # ----------------------------------------------------------------------------- the driver's side
@@ -132,28 +104,49 @@ def worker_env(empty: Path) -> dict[str, str]:
 
 
 _processes = None  # the multiprocessing context fusion processes start from, once per driver
+_empty: Path | None = None  # the folder the fusion processes' FBH_*/HF_* settings point at
 
 
-def fusion_processes(preload: list[str]):
+def fusion_processes(family_kind: str):
     """Fusion processes fork from a forkserver: a fresh interpreter, started once with worker_env,
     that has imported torch, the worker and the family's model code but holds nothing of this
-    process's memory, so each fusion process starts in milliseconds instead of importing torch."""
+    process's memory, so each fusion process starts in milliseconds instead of importing torch.
+    Called early (runner.submit), its imports overlap the driver's own work."""
     global _processes
     if _processes is None:
+        import importlib
+        from harness.families import FAMILIES
+        module, cls = FAMILIES[family_kind].split(":")
+        preload = [module, *getattr(importlib.import_module(module), cls).MODEL_MODULES]
         import multiprocessing
         from multiprocessing import forkserver
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["harness.fusion_worker", "harness.pool", "harness.provenance", *preload])
-        saved = dict(os.environ)
-        try:  # the server copies the environment it starts in; it never sees the driver's settings
-            os.environ.clear()
-            os.environ.update(worker_env(Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))))
+        with scrubbed_environ():
             forkserver.ensure_running()
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
         _processes = context
     return _processes
+
+
+@contextlib.contextmanager
+def scrubbed_environ():
+    """What the forkserver and each fusion process start from: the environment without the driver's
+    settings (a server that died, killed by a method, restarts scrubbed too), and no main module:
+    multiprocessing would otherwise import the driver's script (`fbh`, pytest, a bench) again in
+    every fusion process, which costs its imports and is none of the fusion's business."""
+    global _empty
+    if _empty is None:
+        _empty = Path(tempfile.mkdtemp(prefix="fbh-fusion-env-"))
+    saved, main = dict(os.environ), sys.modules.get("__main__")
+    try:
+        os.environ.clear()
+        os.environ.update(worker_env(_empty))
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        sys.modules["__main__"] = main
 
 
 def write_inputs(folder: Path, handle, tasks: list[str], info, params, seed: int, device) -> None:
@@ -181,11 +174,9 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     copy the worker's answer into (`fbh ci --fuse-only`), read later by read_result."""
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
-        from harness import fusion_worker
-        family = handle.family
-        processes = fusion_processes([type(family).__module__, type(family.template()).__module__])
-        proc = processes.Process(target=fusion_worker.main, args=(str(folder),))
-        proc.start()
+        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_main, args=(str(folder),))
+        with scrubbed_environ():
+            proc.start()
         try:
             write_inputs(folder, handle, tasks, info, params, seed, device)
             (folder / GO_MARKER).touch()

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 from harness import registry
 from harness.digests import CorruptFile
 from harness.errors import FbhError, MethodFailed, SuiteUnavailable
-from harness.isolation import BUDGET_FIX, is_approved, isolated_fuse
+from harness.isolation import BUDGET_FIX, fusion_processes, is_approved, isolated_fuse
 from harness.planner import (GridSearch, Job, SuiteInputs, all_keys, content_hash, default_suites, find_suite,
                              grid_points, harness_code_hash, plan, suite_files, settings)  # noqa: F401  (re-exported)
 from harness.metrics import higher_is_better
@@ -468,6 +468,8 @@ def submit(submission_path: Path | str, *, suites: list[str] | None = None, db: 
         store_published(store, spec, file)
     report.outcomes += [Outcome(j.suite, j.setting, j.label, "cached") for j in todo.cached]
     if todo.todo or todo.searches:
+        if not remote and any(j.kind != "reference" for j in todo.todo):
+            fusion_processes(specs[0][0].family.kind)  # started now, its imports overlap the references'
         dev = device if remote else str(pick_device(device))
         report.outcomes += run_jobs(store, todo.todo, dev, progress, executor)
         # Grid points first, then the selected point of each search: selection reads only

@@ -183,8 +183,10 @@ def test_split_ci_fuses_with_the_prs_code_and_evaluates_with_the_trusted_harness
                           capture_output=True, text=True, timeout=600)
     text = report.read_text()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]  # doubled-bad
-    assert "| **doubled** (this PR) |" in text and "| all | ok |" in text
-    assert "base-module on tiny-small/all: data access not verified" in text
+    section = text.split("## doubled (method `doubled_mean_task_vector`)")[1].split("\n## ")[0]
+    for row in ("| pretrained |", "| STL |", "| **doubled** (this PR) |", "| all | ok |", "| two-seen | ok |"):
+        assert row in section, section
+    assert text.count("base-module on tiny-small/all: data access not verified") == 1
     plain_db = tmp_path / "plain.duckdb"
     fbh_ci(pr_repo, "--base", "HEAD~2", "--db", str(plain_db), "--report", str(tmp_path / "plain.md"), "--quiet")
     query = ("SELECT setting, task, condition, metric, value FROM runs JOIN results USING (run_id) "
@@ -194,3 +196,15 @@ def test_split_ci_fuses_with_the_prs_code_and_evaluates_with_the_trusted_harness
     assert verified == [{"v": True}]
     assert Store(plain_db).query("SELECT DISTINCT data_access_verified AS v FROM runs WHERE label = 'base-module'"
                                  ) == [{"v": False}]
+
+
+def test_split_ci_bad_arguments_are_clear_errors(tmp_path):
+    from click.testing import CliRunner
+    from harness.cli import main
+    for args, field in ((["ci"], "--base"), (["ci", "--base", "HEAD", "--fuse-only"], "--out"),
+                        (["ci", "--evaluate", str(tmp_path / "nothing"), "--db", str(tmp_path / "x.duckdb")],
+                         "--evaluate")):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and field in res.output and "fix:" in res.output, res.output
+        assert "Traceback" not in res.output
+    assert not (tmp_path / "x.duckdb").exists()

@@ -210,3 +210,26 @@ def test_fusion_is_ended_at_the_budget_and_other_runs_go_on(fbh_env, write_yaml,
     ok = write_yaml("avg.yaml", {"name": "avg", "method": "simple_average"})
     res = CliRunner().invoke(main, ["submit", str(ok), "--suite", "tiny-budget", "--db", str(db)])
     assert res.exit_code == 0, res.output
+
+
+# ----------------------------------------------------------------------------- marker
+
+def test_unverified_runs_are_marked_on_the_leaderboard_and_the_site(tmp_path):
+    from datetime import datetime
+    from harness.leaderboard import render, table
+    from harness.site import build
+    from harness.store import Run
+    from conftest import small_suite_spec
+    store = Store(tmp_path / "marks.duckdb")
+    store.upsert_suite(small_suite_spec("marks"), "spec-hash")
+    for label, verified in (("tensors", True), ("module", False)):
+        store.write_run(Run(run_key=f"marks/{label}", kind="submission", label=label, suite="marks",
+                            data_access="none", data_access_verified=verified, finished_at=datetime(2026, 1, 1)),
+                        [{"task": "digits", "task_split": "seen", "condition": "clean", "severity": None,
+                          "metric": "accuracy", "value": 50.0, "n": 10}])
+    text = render(*table(store, "marks"), "text")
+    assert "module (data access not verified)" in text and "tensors (data access" not in text
+    build(store, tmp_path / "site")
+    pages = "".join(p.read_text() for p in (tmp_path / "site").rglob("*.html"))
+    assert "none (data access not verified)" in pages
+    assert "data access not verified: the fused result is code" in pages  # the entry page says why

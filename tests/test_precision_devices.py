@@ -106,8 +106,9 @@ def test_the_suite_precision_is_how_models_are_held_merged_and_run(variants):
     assert all(v.dtype == torch.bfloat16 for v in expert.values() if v.is_floating_point())
     from harness import registry
     info = registry.get("task_arithmetic")
-    ctx = runner.fusion_context(handle, ["digits", "shapes"], info, 0, torch.device("cpu"))
-    merged = info.fn(ctx, info.validate_params({"scaling_factor": 0.3}))
+    from harness.isolation import isolated_fuse  # the way every run fuses: bf16 tensors there and back
+    merged = isolated_fuse(handle, ["digits", "shapes"], info, info.validate_params({"scaling_factor": 0.3}), 0,
+                           torch.device("cpu")).value
     assert all(v.dtype == torch.bfloat16 for v in merged.values() if v.is_floating_point())
     # merged in float32 from the bf16 experts, rounded once
     base, e1, e2 = family.base_state(), expert, family.expert_state("shapes")

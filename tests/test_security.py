@@ -19,6 +19,15 @@ def calls(path: Path):
             yield node, (f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None)
 
 
+# The only pickles fbh loads pass between the driver and the fusion process it started
+# (harness.isolation): the fusion process reads the method and the family's kit the driver wrote
+# before any method code runs; the driver reads back a method's own module, which is that method's
+# code running as it always did, and is recorded as data access not verified (`fbh ci --evaluate`
+# never loads it). No file a user or a suite points at is unpickled.
+PICKLES_BETWEEN_OWN_PROCESSES = {("harness/fusion_worker.py", "torch"), ("harness/fusion_worker.py", "pickle"),
+                                 ("harness/isolation.py", "torch")}
+
+
 def test_no_eval_exec_or_pickle_loading_in_the_code():
     for path in SOURCES:
         for node, name in calls(path):
@@ -26,6 +35,8 @@ def test_no_eval_exec_or_pickle_loading_in_the_code():
             assert not (builtin and name in {"eval", "exec", "compile", "__import__"}), f"{path}:{node.lineno}"
             if name == "load" and isinstance(node.func, ast.Attribute):
                 owner = getattr(node.func.value, "id", "")
+                if (path.relative_to(REPO).as_posix(), owner) in PICKLES_BETWEEN_OWN_PROCESSES:
+                    continue
                 assert owner not in {"torch", "pickle", "yaml"}, f"{path}:{node.lineno} calls {owner}.load"
 
 

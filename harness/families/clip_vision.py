@@ -29,6 +29,7 @@ ZERO_SHOT = "zero_shot"  # family.heads value: compute heads from the base CLIPM
 
 
 class ClipVisionFamily(FamilyBase):
+    MODEL_MODULES = ("transformers.models.clip.modeling_clip",)
     HEAD_STATE = ("_heads", "_projection", "_scale")
 
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):

@@ -37,6 +37,8 @@ class FamilyBase:
 
     # What logits() reads beyond the template once the heads are loaded: a fusion kit carries these only.
     HEAD_STATE: tuple[str, ...] = ()
+    # The modules of the template's classes, imported once by the fusion processes' forkserver.
+    MODEL_MODULES: tuple[str, ...] = ()
 
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         self.suite = suite

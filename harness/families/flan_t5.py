@@ -29,6 +29,7 @@ GENERATION_MAX_LENGTH = 10  # FusionBench: model.generate(input_ids, max_length=
 
 
 class FlanT5Family(FamilyBase):
+    MODEL_MODULES = ("transformers.models.t5.modeling_t5",)
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
         super().__init__(suite, suite_file, zoo_dir, device)
         self._tokenizer = None

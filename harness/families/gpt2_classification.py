@@ -22,6 +22,7 @@ MAX_LENGTH = 512  # FusionBench sets tokenizer.model_max_length = 512 for GPT-2 
 
 
 class Gpt2ClassificationFamily(FamilyBase):
+    MODEL_MODULES = ("transformers.models.gpt2.modeling_gpt2",)
     HEAD_STATE = ("_heads",)
 
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):

@@ -64,6 +64,7 @@ class ImagePreprocessor:
 
 
 class OpenClipVisionFamily(ClipVisionFamily):
+    MODEL_MODULES = ("open_clip",)
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._clip: nn.Module | None = None

@@ -141,6 +141,7 @@ def metric_of_sums(metric: str, sums: Tensor) -> float:
 # ----------------------------------------------------------------------------- family
 
 class ResnetNyuv2Family(FamilyBase):
+    MODEL_MODULES = ("transformers.models.resnet.modeling_resnet",)
     HEAD_STATE = ("_heads",)
 
     def __init__(self, suite: SuiteSpec, suite_file: Path, zoo_dir: Path | None, device: torch.device):
