@@ -139,7 +139,8 @@ def _resolve(condition: str, labels: dict[str, tuple[str, int | None]], suite: s
 
 
 def suite_names(store: Store) -> list[str]:
-    return [r["name"] for r in store.query("SELECT name FROM suites ORDER BY name")]
+    """Suites the database knows: stored specs, and suites runs name (a database written by hand may lack specs)."""
+    return [r["name"] for r in store.query("SELECT name FROM suites UNION SELECT DISTINCT suite FROM runs ORDER BY 1")]
 
 
 def suite_settings(store: Store, suite: str) -> dict[str, dict]:
