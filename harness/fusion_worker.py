@@ -9,8 +9,10 @@ FOLDER/out. It never opens anything outside FOLDER on the harness's behalf.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -118,11 +120,34 @@ def write_result(out: Path, fused, ctx, peak: int) -> None:
     (out / RESULT).write_text(json.dumps(result))
 
 
-def main(folder: str | Path) -> int:
-    """The fusion process's work: its exit status is 0 when out/result.json holds a result."""
-    import os
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_with(driver: int) -> None:
+    """End this process when the driver that started it is gone (killed, say): the forkserver, not the driver,
+    is its parent, so nothing else would, and a fusion nobody waits for must not go on holding the
+    driver's output pipes and the machine."""
+    def watch() -> None:
+        while alive(driver):
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="fbh-driver-watch").start()
+
+
+def main(folder: str | Path, driver: int | None = None) -> int:
+    """The fusion process's work: its exit status is 0 when out/result.json holds a result. driver: the pid
+    of the process that waits for it; when that process is gone, this one ends too."""
     import torch
     from harness.provenance import PeakMemory
+    if driver is not None:
+        exit_with(driver)
     folder = Path(folder)
     os.chdir(folder)
     out = folder / "out"

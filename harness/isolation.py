@@ -174,7 +174,7 @@ def isolated_fuse(handle, tasks: list[str], info, params, seed: int, device, bud
     copy the worker's answer into (`fbh ci --fuse-only`), read later by read_result."""
     folder = Path(tempfile.mkdtemp(prefix="fbh-fusion-"))
     try:
-        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_main, args=(str(folder),))
+        proc = fusion_processes(handle.spec.family.kind).Process(target=fusion_main, args=(str(folder), os.getpid()))
         with scrubbed_environ():
             proc.start()
         try:
