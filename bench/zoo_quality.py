@@ -6,7 +6,8 @@ own task), MTL, and, through the registry at the shipped submissions' settings, 
 task arithmetic, TIES, the simple ensemble, layer-wise AdaMerging and WEMoE (their fusion time
 too). Also the Spearman correlation between mean prediction entropy and mean accuracy over a
 sweep of >= 40 merged models (task arithmetic and TIES over scaling factors and subsets of the
-experts), and whether each task's own expert is its lowest-entropy expert. Prints one table
+experts), whether each task's own expert is its lowest-entropy expert, and how much each expert
+changes entropy on its own task and on each other task (why merges can look less confident). Prints one table
 per seed, one across seeds (mean, max-min) and the pass/fail of each of issue #16's bars.
 
     PYTHONPATH=$PWD FBH_CACHE=/tmp/fbhcache python bench/zoo_quality.py --seeds 0 1 2 [--quick]
