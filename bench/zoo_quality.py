@@ -6,7 +6,8 @@ own task), MTL, and, through the registry at the shipped submissions' settings, 
 task arithmetic, TIES, the simple ensemble, layer-wise AdaMerging and WEMoE (their fusion time
 too). Also the Spearman correlation between mean prediction entropy and mean accuracy over a
 sweep of >= 40 merged models (task arithmetic and TIES over scaling factors and subsets of the
-experts), and whether each task's own expert is its lowest-entropy expert. Prints one table
+experts), whether each task's own expert is its lowest-entropy expert, and how much each expert
+changes entropy on its own task and on each other task (why merges can look less confident). Prints one table
 per seed, one across seeds (mean, max-min) and the pass/fail of each of issue #16's bars.
 
     PYTHONPATH=$PWD FBH_CACHE=/tmp/fbhcache python bench/zoo_quality.py --seeds 0 1 2 [--quick]
@@ -111,10 +112,15 @@ def entropy_sweep(fam, ctx, tasks, limit) -> dict:
         expert_ent[t] = entropy_and_accuracy(fam, fam.build(ctx.expert(t)), tasks, limit)[0]
     for i, t in enumerate(tasks):
         own_lowest[t] = min(tasks, key=lambda e: expert_ent[e][i]) == t
+    # Why merges can look less confident than the base: each expert lowers entropy on its own task
+    # but raises it a little on every other; a merge of n experts adds n-1 such rises per task.
+    base_ent = entropy_and_accuracy(fam, fam.build(ctx.base), tasks, limit)[0]
+    own_shift = mean(expert_ent[t][i] - base_ent[i] for i, t in enumerate(tasks))
+    cross_shift = mean(expert_ent[e][i] - base_ent[i] for i, t in enumerate(tasks) for e in tasks if e != t)
     points = [(info.name, params.get("scaling_factor"), len(subset), round(e, 3), round(a, 1))
               for (info, params, subset), e, a in zip(models, ents, accs)]
     return {"n": len(models), "spearman": spearman(ents, accs), "own_lowest": own_lowest, "points": points,
-            "acc_range": (min(accs), max(accs))}
+            "acc_range": (min(accs), max(accs)), "own_shift": own_shift, "cross_shift": cross_shift}
 
 
 def run_seed(suite_file: Path, seed: int, overrides: dict, quick: bool, skip_adaptive: bool) -> dict:
@@ -168,6 +174,9 @@ def print_seed(r: dict) -> None:
     print(f"entropy-accuracy Spearman over {s['n']} merged models: {s['spearman']:+.2f} "
           f"(accuracy {s['acc_range'][0]:.1f}-{s['acc_range'][1]:.1f}); own expert lowest-entropy on "
           f"{len(tasks) - len(bad)}/{len(tasks)} tasks{' (not: ' + ', '.join(bad) + ')' if bad else ''}")
+    print(f"entropy of each expert minus the pre-trained model's: {s['own_shift']:+.3f} on its own task, "
+          f"{s['cross_shift']:+.3f} on each other task ({len(tasks) - 1} others: "
+          f"{(len(tasks) - 1) * s['cross_shift']:+.3f})")
 
 
 def bars(results: list[dict], quick: bool) -> list[tuple[str, bool, str]]:

@@ -50,10 +50,14 @@ DEFAULT_RECIPE: dict[str, Any] = {
     # calibration_examples unlabelled pre-trained features per task, with one logit_scale fitted by
     # temperature scaling of the pre-trained model on those (labelled) calibration examples; a
     # number fixes the scale instead. projection 'none' keeps the raw pooled features.
+    # projection_dim k > 0 keeps only the top-k principal directions (CLIP's visual_projection also
+    # maps to fewer dimensions): it drops the low-variance directions that whitening amplifies. At 32
+    # the entropy-accuracy Spearman improved (-0.09 to -0.59, seed 0) but TA fell to pre-trained + 3.
     "head_shots": 8,
     "calibration_examples": 200,
     "projection": "whiten",
     "whiten_shrink": 0.05,
+    "projection_dim": 0,
     "logit_scale": "fit",
     "weight_decay": 0.0,
 }
@@ -505,18 +509,20 @@ class Heads:
         return out
 
 
-def whitening(pooled: torch.Tensor, shrink: float) -> torch.Tensor:
+def whitening(pooled: torch.Tensor, shrink: float, dim: int = 0) -> torch.Tensor:
     """A fixed projection under which the pre-trained pooled features have (shrunk) identity second
     moment: P = (S + shrink * mean(S))^-1/2 U^T for E[x x^T] = U S U^T. Uncentred, because the
     family's projection has no bias: the direction every image shares (what made raw prototypes
-    nearly parallel) is scaled down with the rest of the dominant ones. Signs fixed for determinism."""
+    nearly parallel) is scaled down with the rest of the dominant ones. Signs fixed for determinism.
+    dim > 0 keeps the first `dim` principal directions only (rows of P)."""
     x = pooled.double()
     second = x.T @ x / len(x)
     evals, evecs = torch.linalg.eigh(second)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     evecs = evecs * torch.where(evecs.sum(0) < 0, -1.0, 1.0)  # a sign convention: each column sums >= 0
     scale = (evals + shrink * evals.mean()).rsqrt()
-    return (scale[:, None] * evecs.T).float().contiguous()
+    keep = dim if 0 < dim < len(evals) else len(evals)
+    return (scale[:keep, None] * evecs.T[:keep]).float().contiguous()
 
 
 def fit_logit_scale(cosines: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
@@ -556,7 +562,8 @@ def compute_heads(model, data: dict[str, tuple[np.ndarray, np.ndarray]],
     pooled = {t: model(pixel_values=to_pixels(x)).pooler_output for t, (x, _) in (calibration or data).items()}
     projection = None
     if recipe.get("projection", "none") == "whiten":
-        projection = whitening(torch.cat(list(pooled.values())), float(recipe.get("whiten_shrink", 0.05)))
+        projection = whitening(torch.cat(list(pooled.values())), float(recipe.get("whiten_shrink", 0.05)),
+                               int(recipe.get("projection_dim", 0)))
     elif recipe.get("projection", "none") != "none":
         raise ValueError(f"unknown projection {recipe['projection']!r}: use 'whiten' or 'none'")
     protos = {}
