@@ -56,6 +56,7 @@ class TinyVisionRecipe(Recipe):
     calibration_examples: int = Field(200, ge=1, le=MAX_EXAMPLES)
     projection: Literal["whiten", "none"] = "whiten"
     whiten_shrink: float = Field(0.05, ge=0, le=1)
+    projection_dim: int = Field(0, ge=0, le=4096, description="keep the leading k whitened directions; 0 keeps all")
     logit_scale: Union[Literal["fit"], float] = Field("fit", description="'fit', or a fixed scale in (0, 1000]")
     weight_decay: float = Field(0.0, ge=0, le=10)
 
