@@ -120,22 +120,14 @@ def write_result(out: Path, fused, ctx, peak: int) -> None:
     (out / RESULT).write_text(json.dumps(result))
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def exit_with(driver: int) -> None:
     """End this process when the driver that started it is gone (killed, say): the forkserver, not the driver,
     is its parent, so nothing else would, and a fusion nobody waits for must not go on holding the
     driver's output pipes and the machine."""
+    from harness.locks import pid_alive
+
     def watch() -> None:
-        while alive(driver):
+        while pid_alive(driver):
             time.sleep(0.5)
         os._exit(1)
     threading.Thread(target=watch, daemon=True, name="fbh-driver-watch").start()
