@@ -478,7 +478,9 @@ def validate(files, as_json):
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="the folder --fuse-only writes")
 @click.option("--evaluate", "evaluate_dir", type=click.Path(path_type=Path), default=None,
               help="evaluate the fused results a --fuse-only job wrote, with this checkout's harness")
-def ci(base, tier, report_path, db, quiet, fuse_only, out, evaluate_dir):
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON instead of the report (the "
+              "Markdown report is still written to --report)")
+def ci(base, tier, report_path, db, quiet, fuse_only, out, evaluate_dir, as_json):
     """Validate and evaluate the methods and submissions changed since BASE; exit 1 if any failed.
 
     In the PR workflow the two halves run apart: `--fuse-only --out DIR` (the PR's code, no results
@@ -505,9 +507,21 @@ def ci(base, tier, report_path, db, quiet, fuse_only, out, evaluate_dir):
     text = render(result, Store(path))
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(text)
-    click.echo(text)
+    click.echo(ci_json(result) if as_json else text)
     if result.failed:
         sys.exit(1)
+
+
+def ci_json(result) -> str:
+    """The CI result as JSON: what changed, each file check, each submission's runs (suite, setting, status,
+    mean clean score) and whether it failed."""
+    import json
+    subs = [{"path": s.path, "name": s.name, "method": s.method, "reason": s.reason, "error": s.error,
+             "failed": s.failed, "runs": [_outcome_json(o) for o in s.outcomes]} for s in result.submissions]
+    return json.dumps({"base": result.base, "head": result.head, "tier": result.tier, "changed": result.changed,
+                       "failed": result.failed, "notes": result.notes,
+                       "file_checks": [{"file": f, "kind": k, "error": e} for f, k, e in result.file_checks],
+                       "submissions": subs}, indent=2)
 
 
 @main.group()

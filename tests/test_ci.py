@@ -104,6 +104,12 @@ def test_ci_finds_validates_runs_and_reports(fbh_env, pr_repo, tmp_path):
 
     nothing = fbh_ci(pr_repo, "--base", "HEAD", "--db", str(db), "--report", str(report), "--quiet")
     assert nothing.returncode == 0 and "Nothing changed since the base" in report.read_text()
+    as_json = fbh_ci(pr_repo, "--base", "HEAD~2", "--db", str(db), "--report", str(report), "--quiet", "--json")
+    data = json.loads(as_json.stdout)
+    assert as_json.returncode == 0 and data["failed"] is False and "submissions/doubled_bad.yaml" in data["changed"]
+    fixed = next(s for s in data["submissions"] if s["name"] == "doubled-bad")
+    assert {(r["setting"], r["status"]) for r in fixed["runs"]} <= {("all", "cached"), ("two-seen", "cached"),
+                                                                      ("all", "ok"), ("two-seen", "ok")}
 
 
 def test_ci_unknown_base_is_a_clear_error(pr_repo):
